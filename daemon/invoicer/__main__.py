@@ -1,0 +1,7 @@
+"""Allow ``python -m invoicer``."""
+
+import sys
+
+from invoicer.cli import main
+
+sys.exit(main())

@@ -1,0 +1,53 @@
+"""Command line: ``invoicer run`` (the unit's ExecStart), ``--help``, ``--version``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from invoicer import __version__, processing
+from invoicer.config import LOG_LEVELS, ConfigError, load_config, load_processor
+from invoicer.daemon import Daemon
+from invoicer.logs import configure_logging
+
+EX_CONFIG = 78  # sysexits.h; the unit's RestartPreventExitStatus=78 keeps systemd from retrying
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="invoicer",
+        description="A systemd-native daemon that numbers, processes and stores invoices without gaps.",
+        epilog="Configuration comes from the environment (INVOICER_WORKERS, INVOICER_QUEUE_SIZE, "
+               "INVOICER_DATABASE, INVOICER_PROCESSOR, INVOICER_PROCESSING_DELAY_MS, "
+               "INVOICER_STATUS_INTERVAL, INVOICER_LOG_LEVEL); see invoicer(8) and the README.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser("run", help="run the daemon in the foreground until SIGTERM or SIGINT",
+                        description="Run the daemon in the foreground; SIGTERM/SIGINT drain and stop it.")
+    return parser
+
+
+def run() -> int:
+    """Validate the configuration, then run the daemon; return the exit code."""
+    requested = os.environ.get("INVOICER_LOG_LEVEL", "").strip().upper()
+    log = configure_logging(requested if requested in LOG_LEVELS else "INFO")
+    try:
+        config = load_config()
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc, extra={"exit_code": EX_CONFIG})
+        return EX_CONFIG
+    processor = load_processor(config.processor)
+    processing.set_delay_ms(config.processing_delay_ms)
+    return Daemon(config, processor).run()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``invoicer`` console script."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        return run()
+    parser.print_help(sys.stderr)
+    return 2

@@ -1,0 +1,143 @@
+"""Configuration: one frozen dataclass, built once from the environment and validated in one place.
+
+Every bad value raises :class:`ConfigError` whose message names the variable and what it accepts; the
+daemon turns that into one log line and exit code 78 (EX_CONFIG) before it touches the database.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+MAX_WORKERS = 1024
+MAX_QUEUE_SIZE = 1_000_000
+MAX_PROCESSING_DELAY_MS = 60_000
+MAX_STATUS_INTERVAL = 3600.0
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+DEFAULT_PROCESSOR = "invoicer.processing:process"
+DATABASE_FILENAME = "invoices.db"
+
+
+class ConfigError(ValueError):
+    """A configuration value is unusable; the message names the variable and what it accepts."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The daemon's settings, as read from the environment (see DESIGN §4)."""
+
+    workers: int = 64
+    queue_size: int = 1024
+    database: Path = Path(DATABASE_FILENAME)
+    processor: str = DEFAULT_PROCESSOR
+    processing_delay_ms: float = 5.0
+    status_interval: float = 1.0
+    log_level: str = "INFO"
+
+    def summary(self) -> dict[str, Any]:
+        """Return the settings as a JSON-friendly dict for the start-up log record."""
+        return {f.name: str(getattr(self, f.name)) if f.name == "database" else getattr(self, f.name)
+                for f in dataclasses.fields(self)}
+
+
+def _integer(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw, 10)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer; expected {low}..{high}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name}={raw!r} is out of range; expected {low}..{high}")
+    return value
+
+
+def _number(env: Mapping[str, str], name: str, default: float, low: float, high: float,
+            *, low_inclusive: bool) -> float:
+    raw = env.get(name, "").strip()
+    accepted = f"a number {'>=' if low_inclusive else '>'} {low:g} and <= {high:g}"
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number; expected {accepted}") from None
+    in_range = (value >= low if low_inclusive else value > low) and value <= high
+    if not in_range:  # also rejects nan; inf fails the upper bound
+        raise ConfigError(f"{name}={raw!r} is out of range; expected {accepted}")
+    return value
+
+
+def _log_level(env: Mapping[str, str]) -> str:
+    raw = env.get("INVOICER_LOG_LEVEL", "").strip()
+    if not raw:
+        return "INFO"
+    if raw.upper() not in LOG_LEVELS:
+        raise ConfigError(f"INVOICER_LOG_LEVEL={raw!r} is not a log level; expected one of "
+                          f"{', '.join(LOG_LEVELS)}")
+    return raw.upper()
+
+
+def _database(env: Mapping[str, str]) -> Path:
+    raw = env.get("INVOICER_DATABASE", "")
+    if raw.strip():
+        if "\0" in raw:
+            raise ConfigError("INVOICER_DATABASE contains a NUL byte; expected a file path")
+        return Path(raw)
+    # systemd may pass several colon-separated directories (systemd.exec(5), "RuntimeDirectory=").
+    state_directory = env.get("STATE_DIRECTORY", "").split(":")[0]
+    if state_directory:
+        return Path(state_directory) / DATABASE_FILENAME
+    return Path(DATABASE_FILENAME)
+
+
+def load_processor(spec: str) -> Callable[[int], Any]:
+    """Import ``module:callable`` and return the callable; raise ConfigError naming what is wrong."""
+    accepted = "'module:callable', e.g. invoicer.processing:process"
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ConfigError(f"INVOICER_PROCESSOR={spec!r} is not of the form {accepted}")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any import-time failure of a plugin is a configuration error
+        raise ConfigError(f"INVOICER_PROCESSOR={spec!r}: module {module_name!r} does not import "
+                          f"({type(exc).__name__}: {exc}); expected {accepted}") from None
+    target: Any = module
+    for part in attribute.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise ConfigError(f"INVOICER_PROCESSOR={spec!r}: {module_name!r} has no attribute "
+                              f"{attribute!r}; expected {accepted}") from None
+    if not callable(target):
+        raise ConfigError(f"INVOICER_PROCESSOR={spec!r} is not callable; expected {accepted}")
+    return target  # type: ignore[no-any-return]
+
+
+def load_config(env: Mapping[str, str] | None = None) -> Config:
+    """Build and validate the configuration from ``env`` (default: ``os.environ``)."""
+    env = os.environ if env is None else env
+    processor = env.get("INVOICER_PROCESSOR", "").strip() or DEFAULT_PROCESSOR
+    load_processor(processor)
+    return Config(
+        workers=_integer(env, "INVOICER_WORKERS", Config.workers, 1, MAX_WORKERS),
+        queue_size=_integer(env, "INVOICER_QUEUE_SIZE", Config.queue_size, 1, MAX_QUEUE_SIZE),
+        database=_database(env),
+        processor=processor,
+        processing_delay_ms=_number(env, "INVOICER_PROCESSING_DELAY_MS", Config.processing_delay_ms,
+                                    0, MAX_PROCESSING_DELAY_MS, low_inclusive=True),
+        status_interval=_number(env, "INVOICER_STATUS_INTERVAL", Config.status_interval,
+                                0, MAX_STATUS_INTERVAL, low_inclusive=False),
+        log_level=_log_level(env),
+    )
+
+
+def log_level_number(name: str) -> int:
+    """Map a validated level name to the logging module's number."""
+    return logging.getLevelNamesMapping()[name]

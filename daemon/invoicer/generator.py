@@ -1,0 +1,64 @@
+"""InvoiceNumberGenerator: hands out 1, 2, 3, ... without gaps, reserving numbers durably in blocks."""
+
+from __future__ import annotations
+
+import threading
+from typing import Protocol
+
+DEFAULT_BLOCK_SIZE = 4096
+
+
+class Reserver(Protocol):
+    """The part of Storage the generator needs."""
+
+    def reserve(self, count: int) -> tuple[int, int]: ...
+
+
+class InvoiceNumberGenerator:
+    """Hands out consecutive invoice numbers; none is handed out before its block is durably reserved.
+
+    A number handed out but never stored is not lost: it is <= the durable high-water mark, so the next
+    start-up's recovery processes it.
+    """
+
+    def __init__(self, storage: Reserver, high_water: int, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
+        if block_size < 1:
+            raise ValueError("block_size must be >= 1")
+        self._storage = storage
+        self._block_size = block_size
+        # Rule: _lock guards _next and _reserved_last. Any thread handing out or returning numbers takes
+        # it; storage.reserve() runs under it so two callers never reserve for the same gap.
+        self._lock = threading.Lock()
+        self._next = high_water + 1
+        self._reserved_last = high_water
+
+    def take(self, limit: int) -> range:
+        """Hand out up to ``limit`` consecutive numbers (fewer at a block boundary, never none)."""
+        if limit < 1:
+            raise ValueError("limit must be >= 1")
+        with self._lock:
+            if self._next > self._reserved_last:
+                first, last = self._storage.reserve(self._block_size)
+                if first != self._reserved_last + 1:
+                    # One instance per database: a block that does not follow ours means someone else
+                    # raised the mark, and handing out from it could leave a gap.
+                    raise RuntimeError(f"reserved block {first}..{last} does not follow "
+                                       f"{self._reserved_last}; is another writer using the database?")
+                self._reserved_last = last
+            numbers = range(self._next, min(self._next + limit, self._reserved_last + 1))
+            self._next = numbers.stop
+            return numbers
+
+    def give_back(self, numbers: range) -> bool:
+        """Return the most recently taken ``numbers`` unused; False (no change) if they are not the tail."""
+        with self._lock:
+            if len(numbers) == 0 or numbers.stop != self._next:
+                return False
+            self._next = numbers.start
+            return True
+
+    @property
+    def last_issued(self) -> int:
+        """The highest number handed out so far (or the high-water mark it started from)."""
+        with self._lock:
+            return self._next - 1

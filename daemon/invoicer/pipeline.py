@@ -1,0 +1,255 @@
+"""The moving parts: the producer, the consumer pool and the storage writer.
+
+Each owns its thread(s): built without side effects, ``start()`` starts, ``stop()`` asks to stop,
+``join(timeout)`` waits. Invoice numbers travel through the bounded work queue in small chunks so the
+per-invoice cost of queueing stays far below the cost of processing one invoice.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import heapq
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from decimal import Decimal
+from typing import Any
+
+from invoicer.config import MAX_WORKERS
+from invoicer.generator import InvoiceNumberGenerator
+from invoicer.processing import Invoice
+from invoicer.storage import RecoveryPlan, Row, Storage
+
+log = logging.getLogger("invoicer")
+
+MAX_ATTEMPTS = 3
+RETRY_BACKOFF_S = 0.05          # doubled after each failed attempt
+MAX_CHUNK = 64                  # invoice numbers per work-queue item
+WRITER_BATCH = 2048             # rows per transaction at most
+POLL_S = 0.1                    # how often a blocked put re-checks its stop event
+
+Chunk = Sequence[int]
+FatalHandler = Callable[[str, BaseException], None]
+
+
+def chunk_size(queue_size: int) -> int:
+    """Numbers per queue item: small enough that the queue still holds several items."""
+    return max(1, min(MAX_CHUNK, queue_size // 8))
+
+
+def queued_numbers(work: queue.Queue[Chunk | None]) -> int:
+    """How many invoice numbers wait in ``work`` right now."""
+    with work.mutex:
+        return sum(len(item) for item in work.queue if item is not None)
+
+
+class Producer:
+    """One thread: recovered numbers first, then new ones, onto the bounded work queue (back-pressure)."""
+
+    def __init__(self, generator: InvoiceNumberGenerator, work: queue.Queue[Chunk | None],
+                 recovered: Sequence[int], chunk: int, on_fatal: FatalHandler) -> None:
+        self._generator = generator
+        self._work = work
+        self._recovered = recovered
+        self._chunk = chunk
+        self._on_fatal = on_fatal
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="invoicer-producer", daemon=True)
+        self.queued_total = 0            # numbers put on the queue; written by the producer thread only
+        self.recovered_left = len(recovered)
+
+    def start(self) -> None:
+        """Start producing."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ask the producer to stop; a chunk it could not queue is given back, never dropped."""
+        self._stop.set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the thread; True once it has ended."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        try:
+            position = 0
+            while position < len(self._recovered) and not self._stop.is_set():
+                chunk = self._recovered[position:position + self._chunk]
+                if not self._put(chunk):
+                    return  # not queued: still missing from the table, so recovered at the next start
+                position += len(chunk)
+                self.recovered_left = len(self._recovered) - position
+            while not self._stop.is_set():
+                numbers = self._generator.take(self._chunk)
+                if not self._put(numbers):
+                    self._generator.give_back(numbers)
+                    return
+        except BaseException as exc:  # a broken producer must end the process loudly
+            self._on_fatal("producer", exc)
+
+    def _put(self, chunk: Chunk) -> bool:
+        while True:
+            try:
+                self._work.put(chunk, timeout=POLL_S)
+            except queue.Full:
+                if self._stop.is_set():
+                    return False
+                continue
+            self.queued_total += len(chunk)
+            return True
+
+
+def invoice_row(invoice_id: int, invoice: Any, attempts: int) -> Row:
+    """Check what a processor returned and turn it into a table row; ValueError if it is not usable."""
+    if not isinstance(invoice, Invoice):
+        raise ValueError(f"processor returned {type(invoice).__name__}, expected Invoice")
+    if invoice.id != invoice_id:
+        raise ValueError(f"processor returned invoice {invoice.id!r} for number {invoice_id}")
+    for name in ("customer", "currency", "document"):
+        if not isinstance(getattr(invoice, name), str):
+            raise ValueError(f"processor returned an Invoice whose {name} is not a str")
+    for name in ("subtotal", "tax", "total"):
+        if not isinstance(getattr(invoice, name), Decimal):
+            raise ValueError(f"processor returned an Invoice whose {name} is not a Decimal")
+    return (invoice_id, "ok", invoice.customer, invoice.currency, str(invoice.subtotal),
+            str(invoice.tax), str(invoice.total), invoice.document, None, attempts)
+
+
+def failed_row(invoice_id: int, exc: BaseException, attempts: int) -> Row:
+    """Build the row that records an invoice which kept failing, so the numbering stays gap-free."""
+    return (invoice_id, "failed", None, None, None, None, None, None,
+            f"{type(exc).__name__}: {exc}"[:2000], attempts)
+
+
+class ConsumerPool:
+    """``workers`` consumers in a ThreadPoolExecutor: process each number, hand rows to the writer."""
+
+    def __init__(self, processor: Callable[[int], Any], work: queue.Queue[Chunk | None],
+                 results: queue.Queue[list[Row] | None], workers: int, on_fatal: FatalHandler) -> None:
+        self._processor = processor
+        self._work = work
+        self._results = results
+        self._on_fatal = on_fatal
+        # The executor's ceiling is the configuration's; it starts threads only as loops are submitted.
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=MAX_WORKERS, thread_name_prefix="invoicer-consumer")
+        # Rule: _lock guards _futures and workers; only the main thread changes them.
+        self._lock = threading.Lock()
+        self._futures: list[concurrent.futures.Future[None]] = []
+        self.workers = workers
+
+    def start(self) -> None:
+        """Start ``workers`` consumer loops."""
+        with self._lock:
+            for number in range(self.workers):
+                self._futures.append(self._executor.submit(self._consume, number))
+
+    def retire_all(self, put: Callable[[Chunk | None], bool]) -> bool:
+        """Queue one retirement sentinel per consumer (after the producer stopped); False if ``put`` fails."""
+        with self._lock:
+            count = len(self._futures)
+        return all(put(None) for _ in range(count))
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for every consumer loop to end; True once they all have."""
+        with self._lock:
+            futures = list(self._futures)
+        _done, pending = concurrent.futures.wait(futures, timeout)
+        if pending:
+            return False
+        self._executor.shutdown(wait=True)
+        return True
+
+    def _consume(self, worker: int) -> None:
+        try:
+            while True:
+                chunk = self._work.get()
+                if chunk is None:
+                    return
+                self._results.put([self._process(number, worker) for number in chunk])
+        except BaseException as exc:  # a broken loop (not a broken invoice) ends the process loudly
+            self._on_fatal(f"consumer {worker}", exc)
+
+    def _process(self, invoice_id: int, worker: int) -> Row:
+        attempt = 1
+        while True:
+            try:
+                return invoice_row(invoice_id, self._processor(invoice_id), attempt)
+            except Exception as exc:  # one bad invoice never kills the pool
+                context = {"invoice": invoice_id, "worker": worker, "attempt": attempt}
+                if attempt >= MAX_ATTEMPTS:
+                    log.error("invoice %d failed %d times; stored as failed", invoice_id, attempt,
+                              exc_info=True, extra=context)
+                    return failed_row(invoice_id, exc, attempt)
+                log.warning("invoice %d failed (attempt %d of %d); retrying", invoice_id, attempt,
+                            MAX_ATTEMPTS, exc_info=True, extra=context)
+                time.sleep(RETRY_BACKOFF_S * 2 ** (attempt - 1))
+                attempt += 1
+
+
+class StorageWriter:
+    """One thread: collects rows from the consumers and commits them in batches (group commit).
+
+    It also keeps ``stored_through`` - the highest number below which everything is stored - and saves
+    it with each batch, which is what keeps recovery from scanning the whole table.
+    """
+
+    def __init__(self, storage: Storage, results: queue.Queue[list[Row] | None], plan: RecoveryPlan,
+                 on_fatal: FatalHandler, batch_size: int = WRITER_BATCH) -> None:
+        self._storage = storage
+        self._results = results
+        self._on_fatal = on_fatal
+        self._batch_size = batch_size
+        self._stored_above = list(plan.stored_above)  # a heap of stored numbers above stored_through
+        heapq.heapify(self._stored_above)
+        self._thread = threading.Thread(target=self._run, name="invoicer-writer", daemon=True)
+        # Written by the writer thread only, after each commit; others just read them.
+        self.stored_through = plan.stored_through
+        self.committed_total = 0  # rows committed in this run
+
+    def start(self) -> None:
+        """Start writing."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ask the writer to commit what it has and end (after the consumers ended)."""
+        self._results.put(None)
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the thread; True once it has ended."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        try:
+            finished = False
+            while not finished:
+                batch: list[Row] = []
+                item = self._results.get()
+                while item is not None:
+                    batch.extend(item)
+                    if len(batch) >= self._batch_size:
+                        break
+                    try:
+                        item = self._results.get_nowait()
+                    except queue.Empty:
+                        break
+                finished = item is None
+                if batch:
+                    self._commit(batch)
+        except BaseException as exc:  # storage failure: end loudly; uncommitted rows are recovered
+            self._on_fatal("writer", exc)
+
+    def _commit(self, batch: list[Row]) -> None:
+        heap = self._stored_above
+        through = self.stored_through
+        for row in batch:
+            heapq.heappush(heap, row[0])
+        while heap and heap[0] <= through + 1:
+            through = max(through, heapq.heappop(heap))
+        self._storage.save_batch(batch, through)
+        self.stored_through = through
+        self.committed_total += len(batch)

@@ -1,0 +1,246 @@
+"""Storage: the one place that talks to SQLite.
+
+One connection, one lock, WAL, a busy timeout, schema as constants, ``?`` parameters, and a small
+interface (reserve a block of numbers, save a batch, find the numbers to recover, release the unused
+reservation) so that another backend can stand behind it later.
+
+The ``sequence`` row holds two durable marks:
+
+* ``high_water``: every number <= it may have been handed out, so every such number must end up stored.
+* ``stored_through``: every number <= it is stored. It only moves forward, inside the same transaction
+  as the rows that let it move, so recovery reads just the rows in ``(stored_through, high_water]``
+  instead of scanning the whole table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_S = 5.0
+
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS invoices (
+        id INTEGER PRIMARY KEY,
+        status TEXT NOT NULL CHECK (status IN ('ok', 'failed')),
+        customer TEXT,
+        currency TEXT,
+        subtotal TEXT,
+        tax TEXT,
+        total TEXT,
+        document TEXT,
+        error TEXT,
+        attempts INTEGER NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS sequence (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        high_water INTEGER NOT NULL CHECK (high_water >= 0),
+        stored_through INTEGER NOT NULL CHECK (stored_through >= 0)
+    )""",
+    "INSERT OR IGNORE INTO sequence (id, high_water, stored_through) VALUES (1, 0, 0)",
+)
+INSERT_INVOICES = (
+    "INSERT INTO invoices (id, status, customer, currency, subtotal, tax, total, document, error, attempts)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+SELECT_MARKS = "SELECT high_water, stored_through FROM sequence WHERE id = 1"
+SELECT_MAX_ID = "SELECT max(id) FROM invoices"
+SELECT_IDS_BETWEEN = "SELECT id FROM invoices WHERE id > ? AND id <= ? ORDER BY id"
+RAISE_HIGH_WATER = "UPDATE sequence SET high_water = high_water + ? WHERE id = 1 RETURNING high_water"
+LOWER_HIGH_WATER = "UPDATE sequence SET high_water = ? WHERE id = 1 AND high_water > ?"
+ADVANCE_STORED_THROUGH = "UPDATE sequence SET stored_through = ? WHERE id = 1 AND stored_through < ?"
+SET_HIGH_WATER_AT_LEAST = "UPDATE sequence SET high_water = ? WHERE id = 1 AND high_water < ?"
+
+# An invoice row as INSERT_INVOICES takes it.
+Row = tuple[int, str, str | None, str | None, str | None, str | None, str | None, str | None,
+            str | None, int]
+
+EX_IOERR = 74      # sysexits.h: an input/output error (unreadable, unwritable, corrupt, full)
+EX_TEMPFAIL = 75   # sysexits.h: try again later (another instance, or another program's lock)
+
+
+class StorageError(Exception):
+    """The database cannot be used; the message names the path and the problem."""
+
+    def __init__(self, message: str, exit_code: int = EX_IOERR) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclasses.dataclass(frozen=True)
+class RecoveryPlan:
+    """What start-up found: the marks, the numbers stored above ``stored_through``, and the missing ones."""
+
+    high_water: int
+    stored_through: int
+    stored_above: tuple[int, ...]
+    missing: tuple[int, ...]
+
+    @property
+    def stored_total(self) -> int:
+        """Rows stored: all of 1..stored_through plus those stored above it."""
+        return self.stored_through + len(self.stored_above)
+
+
+def describe_error(path: Path, exc: BaseException) -> StorageError:  # noqa: PLR0911  # one return per kind
+    """Turn an OS or SQLite error into a one-line StorageError naming ``path`` and the problem."""
+    text = str(exc)
+    if isinstance(exc, sqlite3.DatabaseError):
+        lowered = text.lower()
+        if "locked" in lowered or "busy" in lowered:
+            return StorageError(f"database {path} is locked by another program and stayed locked for "
+                                f"{BUSY_TIMEOUT_S:g}s ({text})", EX_TEMPFAIL)
+        if "not a database" in lowered or "malformed" in lowered or "corrupt" in lowered:
+            return StorageError(f"database {path} is not a usable SQLite database ({text})")
+        if "readonly" in lowered or "read-only" in lowered:
+            return StorageError(f"database {path} is read-only ({text})")
+        if "full" in lowered:
+            return StorageError(f"database {path}: the disk is full ({text})")
+        return StorageError(f"database {path}: {text}")
+    if isinstance(exc, OSError):
+        reason = os.strerror(exc.errno) if exc.errno else text
+        if exc.errno == errno.ENOSPC:
+            return StorageError(f"database {path}: the disk is full ({reason})")
+        return StorageError(f"database {path} cannot be opened for writing ({reason})")
+    return StorageError(f"database {path}: {type(exc).__name__}: {text}")
+
+
+class Storage:
+    """The SQLite database of invoices and the durable numbering marks.
+
+    Built without side effects; ``open()`` takes the instance lock, opens and checks the database.
+    """
+
+    def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
+        self.path = path
+        self._synchronous = synchronous
+        # Rule: _lock guards _connection and every statement run on it. Any thread may take it (the
+        # producer reserving numbers, the writer saving batches, the main thread opening, releasing and
+        # closing); nobody holds it while doing anything but SQLite work.
+        self._lock = threading.Lock()
+        self._connection: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
+
+    # -- life cycle ---------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Take the one-instance lock, open the database, apply pragmas and schema, prove it writable."""
+        self._take_instance_lock()
+        try:
+            self._connection = sqlite3.connect(
+                self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+            connection = self._connection
+            mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StorageError(f"database {self.path} cannot use WAL mode (journal_mode={mode})")
+            connection.execute(f"PRAGMA synchronous={self._synchronous}")
+            with self._transaction() as cursor:  # the first write proves the file is writable
+                for statement in SCHEMA:
+                    cursor.execute(statement)
+                cursor.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except StorageError:
+            self.close()
+            raise
+        except (sqlite3.Error, OSError) as exc:
+            self.close()
+            raise describe_error(self.path, exc) from exc
+
+    def _take_instance_lock(self) -> None:
+        # flock(2) on the database file itself: independent of SQLite's POSIX record locks, released by
+        # the kernel when the process dies however it dies, and it creates no extra file.
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        except OSError as exc:
+            raise describe_error(self.path, exc) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise StorageError(f"database {self.path} is in use by another invoicer instance; "
+                                   "only one may run per database", EX_TEMPFAIL) from None
+            raise describe_error(self.path, exc) from exc
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        """Close the connection, then drop the instance lock; safe to call twice."""
+        with self._lock:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # only after SQLite closed: closing an fd drops POSIX locks
+            self._lock_fd = None
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Cursor]:
+        """Run a block as one write transaction (BEGIN IMMEDIATE ... COMMIT) under ``_lock``."""
+        with self._lock:
+            if self._connection is None:
+                raise StorageError(f"database {self.path} is not open")
+            cursor = self._connection.cursor()
+            cursor.execute("BEGIN IMMEDIATE")
+            try:
+                yield cursor
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    cursor.execute("ROLLBACK")
+                raise
+            cursor.execute("COMMIT")
+
+    def _write(self, action: Any) -> Any:
+        """Run ``action(cursor)`` in a transaction, turning SQLite and OS errors into StorageError."""
+        try:
+            with self._transaction() as cursor:
+                return action(cursor)
+        except (sqlite3.Error, OSError) as exc:
+            raise describe_error(self.path, exc) from exc
+
+    # -- the storage interface ------------------------------------------------------------------------
+
+    def recovery_plan(self) -> RecoveryPlan:
+        """Find what start-up must recover: every number <= high_water that is not stored.
+
+        Reads only the rows in (stored_through, high_water], a range bounded by one reserved block plus
+        what was in flight, however large the table is.
+        """
+        def plan(cursor: sqlite3.Cursor) -> RecoveryPlan:
+            high_water, stored_through = cursor.execute(SELECT_MARKS).fetchone()
+            max_id = cursor.execute(SELECT_MAX_ID).fetchone()[0] or 0
+            if max_id > high_water:  # rows written by hand above the mark: cover them, never reuse them
+                cursor.execute(SET_HIGH_WATER_AT_LEAST, (max_id, max_id))
+                high_water = max_id
+            above = tuple(row[0] for row in cursor.execute(
+                SELECT_IDS_BETWEEN, (stored_through, high_water)))
+            present = set(above)
+            missing = tuple(n for n in range(stored_through + 1, high_water + 1) if n not in present)
+            return RecoveryPlan(high_water, stored_through, above, missing)
+        result: RecoveryPlan = self._write(plan)
+        return result
+
+    def reserve(self, count: int) -> tuple[int, int]:
+        """Durably raise the high-water mark by ``count``; return the first and last reserved number."""
+        def raise_mark(cursor: sqlite3.Cursor) -> int:
+            return int(cursor.execute(RAISE_HIGH_WATER, (count,)).fetchone()[0])
+        last: int = self._write(raise_mark)
+        return last - count + 1, last
+
+    def release(self, last_issued: int) -> None:
+        """Lower the high-water mark to ``last_issued``, giving back reserved numbers never handed out."""
+        self._write(lambda cursor: cursor.execute(LOWER_HIGH_WATER, (last_issued, last_issued)))
+
+    def save_batch(self, rows: Sequence[Row], stored_through: int) -> None:
+        """Insert ``rows`` and advance ``stored_through`` in one transaction (one group commit)."""
+        def save(cursor: sqlite3.Cursor) -> None:
+            cursor.executemany(INSERT_INVOICES, rows)
+            cursor.execute(ADVANCE_STORED_THROUGH, (stored_through, stored_through))
+        self._write(save)
