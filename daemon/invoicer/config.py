@@ -102,7 +102,7 @@ def load_processor(spec: str) -> Callable[[int], Any]:
     accepted = "'module:callable', e.g. invoicer.processing:process"
     module_name, sep, attribute = spec.partition(":")
     if not sep or not module_name or not attribute:
-        raise ConfigError(f"INVOICER_PROCESSOR={spec!r} is not of the form {accepted}")
+        raise ConfigError(f"INVOICER_PROCESSOR={spec!r} is malformed; expected {accepted}")
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # any import-time failure of a plugin is a configuration error

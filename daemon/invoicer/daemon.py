@@ -61,7 +61,6 @@ class Daemon:
     def run(self) -> int:
         """Open, recover, start, wait for a signal or a failure, stop; return the process exit code."""
         log.info("starting invoicer %s", __version__, extra={"pid": os.getpid(), **self.config.summary()})
-        self._notifier.status("starting")
         try:
             self._storage.open()
             plan = self._storage.recovery_plan()
@@ -78,8 +77,8 @@ class Daemon:
         self._writer.start()
         self._pool.start()
         self._producer.start()
-        self._observer.start()
         self._notifier.ready(status_line(self._snapshot(), 0.0))
+        self._observer.start()
         log.info("ready", extra={"workers": self.config.workers, "database": str(self.config.database)})
         return self._main_loop()
 
@@ -156,6 +155,7 @@ class Daemon:
             "last_number": self._generator.last_issued, "pending": snapshot.pending})
         self._notifier.status(f"stopped: {snapshot.stored_total:,} stored")
         self._notifier.stopping()
+        self._notifier.close()
         self._storage.close()
         return 0
 

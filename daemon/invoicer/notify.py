@@ -8,6 +8,8 @@ from collections.abc import Mapping
 
 import sdnotify
 
+SEND_TIMEOUT_S = 1.0
+
 
 def _ascii_line(text: str) -> str:
     # Debian's sdnotify 0.3.1 encodes latin-1 and silently drops a message it cannot encode; systemd
@@ -44,8 +46,19 @@ class Notifier:
         with self._lock:
             if self._notifier is None:
                 self._notifier = sdnotify.SystemdNotifier()  # connects to $NOTIFY_SOCKET
+                if self._notifier.socket is not None:
+                    # A manager that stops reading must not block the daemon: after this long a
+                    # message is dropped (sdnotify swallows the timeout) rather than stall a thread.
+                    self._notifier.socket.settimeout(SEND_TIMEOUT_S)
             notifier = self._notifier
         notifier.notify("\n".join(_ascii_line(a) for a in assignments))
+
+    def close(self) -> None:
+        """Close the socket; a later send reconnects."""
+        with self._lock:
+            if self._notifier is not None and self._notifier.socket is not None:
+                self._notifier.socket.close()
+            self._notifier = None
 
     def ready(self, status: str) -> None:
         """Tell systemd start-up is complete (``READY=1``) along with the first status line."""

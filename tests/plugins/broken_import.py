@@ -1,0 +1,3 @@
+"""A processor plugin that fails while being imported."""
+
+raise RuntimeError("this plugin is broken on purpose")

@@ -1,0 +1,93 @@
+"""Configuration from the environment: defaults, valid values, and every bad value -> exit 78."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from invoicer.config import DEFAULT_PROCESSOR, MAX_WORKERS, Config, ConfigError, load_config
+from tests.conftest import daemon_env
+
+BAD_VALUES = [
+    ("INVOICER_WORKERS", "zero", "0"),
+    ("INVOICER_WORKERS", "negative", "-3"),
+    ("INVOICER_WORKERS", "not-a-number", "many"),
+    ("INVOICER_WORKERS", "float", "2.5"),
+    ("INVOICER_WORKERS", "too-many", str(MAX_WORKERS + 1)),
+    ("INVOICER_QUEUE_SIZE", "zero", "0"),
+    ("INVOICER_QUEUE_SIZE", "not-a-number", "big"),
+    ("INVOICER_QUEUE_SIZE", "huge", "10000000000"),
+    ("INVOICER_PROCESSING_DELAY_MS", "negative", "-1"),
+    ("INVOICER_PROCESSING_DELAY_MS", "not-a-number", "fast"),
+    ("INVOICER_PROCESSING_DELAY_MS", "nan", "nan"),
+    ("INVOICER_PROCESSING_DELAY_MS", "inf", "inf"),
+    ("INVOICER_STATUS_INTERVAL", "zero", "0"),
+    ("INVOICER_STATUS_INTERVAL", "negative", "-1"),
+    ("INVOICER_STATUS_INTERVAL", "not-a-number", "often"),
+    ("INVOICER_LOG_LEVEL", "unknown", "LOUD"),
+    ("INVOICER_LOG_LEVEL", "number", "10"),
+    ("INVOICER_PROCESSOR", "no-colon", "invoicer.processing.process"),
+    ("INVOICER_PROCESSOR", "empty-callable", "invoicer.processing:"),
+    ("INVOICER_PROCESSOR", "missing-module", "no_such_module_xyz:process"),
+    ("INVOICER_PROCESSOR", "missing-attribute", "invoicer.processing:nothing_here"),
+    ("INVOICER_PROCESSOR", "not-callable", "invoicer.processing:CURRENCY"),
+    ("INVOICER_PROCESSOR", "import-raises", "tests.plugins.broken_import:process"),
+]
+
+
+def test_defaults_work_on_a_fresh_machine() -> None:
+    """With no variables set, every setting has its documented default."""
+    config = load_config({})
+    assert config == Config()
+    assert config.database == Path("invoices.db")
+    assert config.processor == DEFAULT_PROCESSOR
+
+
+def test_valid_values_are_taken() -> None:
+    """Valid values for every variable end up in the Config, normalised."""
+    config = load_config({
+        "INVOICER_WORKERS": "8", "INVOICER_QUEUE_SIZE": "100", "INVOICER_DATABASE": "/srv/x.db",
+        "INVOICER_PROCESSOR": "tests.plugins.processors:echo", "INVOICER_PROCESSING_DELAY_MS": "0",
+        "INVOICER_STATUS_INTERVAL": "0.5", "INVOICER_LOG_LEVEL": "debug"})
+    assert config == Config(workers=8, queue_size=100, database=Path("/srv/x.db"),
+                            processor="tests.plugins.processors:echo", processing_delay_ms=0.0,
+                            status_interval=0.5, log_level="DEBUG")
+
+
+def test_state_directory_holds_the_default_database() -> None:
+    """Under systemd the default database is $STATE_DIRECTORY/invoices.db (first of several dirs)."""
+    config = load_config({"STATE_DIRECTORY": "/var/lib/invoicer:/var/lib/other"})
+    assert config.database == Path("/var/lib/invoicer/invoices.db")
+
+
+@pytest.mark.parametrize(("variable", "value"), [(v, x) for v, _, x in BAD_VALUES],
+                         ids=[f"{v}-{case}" for v, case, _ in BAD_VALUES])
+def test_bad_value_is_refused_naming_the_variable(variable: str, value: str) -> None:
+    """Each bad value raises ConfigError whose message names the variable and what it accepts."""
+    with pytest.raises(ConfigError) as caught:
+        load_config({variable: value})
+    message = str(caught.value)
+    assert message.startswith(variable)
+    assert "expected" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(("variable", "value"), [(v, x) for v, _, x in BAD_VALUES],
+                         ids=[f"{v}-{case}" for v, case, _ in BAD_VALUES])
+def test_daemon_exits_78_without_creating_a_database(tmp_path: Path, variable: str, value: str) -> None:
+    """``invoicer run`` with a bad value prints one JSON error line naming it, exits 78, creates no file."""
+    database = tmp_path / "invoices.db"
+    env = daemon_env(database, **{variable: value})
+    result = subprocess.run([sys.executable, "-m", "invoicer", "run"], env=env, capture_output=True,
+                            text=True, timeout=30, check=False)
+    assert result.returncode == 78
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert record["level"] == "ERROR"
+    assert variable in record["message"]
+    assert list(tmp_path.iterdir()) == []

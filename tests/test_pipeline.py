@@ -1,0 +1,150 @@
+"""Producer and consumer pool on real queues: order, back-pressure, bad invoices, give-back."""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from invoicer import pipeline
+from invoicer.generator import InvoiceNumberGenerator
+from invoicer.pipeline import Chunk, ConsumerPool, Producer, chunk_size, invoice_row, queued_numbers
+from invoicer.processing import build_invoice
+from invoicer.storage import Row
+from tests.test_generator import CountingReserver
+
+
+def test_chunk_size_keeps_several_items_in_the_queue() -> None:
+    """Chunks are at most MAX_CHUNK and never larger than an eighth of the queue (but at least 1)."""
+    assert chunk_size(1) == 1
+    assert chunk_size(80) == 10
+    assert chunk_size(10**6) == pipeline.MAX_CHUNK
+
+
+def test_producer_sends_recovered_numbers_first_then_new_ones() -> None:
+    """Recovered numbers go on the queue before any new number, each exactly once."""
+    work: queue.Queue[Chunk | None] = queue.Queue(maxsize=100)
+    generator = InvoiceNumberGenerator(CountingReserver(10), 10, block_size=4)
+    producer = Producer(generator, work, [3, 7, 9], 2, lambda *_: None)
+    producer.start()
+    seen: list[int] = []
+    while len(seen) < 12:
+        item = work.get(timeout=10)
+        assert item is not None
+        seen.extend(item)
+    producer.stop()
+    assert producer.join(5)
+    assert seen[:3] == [3, 7, 9]
+    assert seen[3:12] == list(range(11, 20))
+
+
+def test_producer_blocks_on_a_full_queue_and_gives_back_on_stop() -> None:
+    """Back-pressure: a full queue blocks the producer; stopping gives the unqueued chunk back."""
+    work: queue.Queue[Chunk | None] = queue.Queue(maxsize=2)
+    generator = InvoiceNumberGenerator(CountingReserver(), 0, block_size=100)
+    producer = Producer(generator, work, [], 5, lambda *_: None)
+    producer.start()
+    while not work.full():
+        threading.Event().wait(0.01)
+    producer.stop()
+    assert producer.join(5)
+    assert queued_numbers(work) == 10
+    assert producer.queued_total == 10
+    assert generator.last_issued == 10  # the blocked third chunk (11..15) was given back
+
+
+def run_pool(processor: Callable[[int], Any], numbers: list[int], workers: int = 3) -> dict[int, Row]:
+    """Push ``numbers`` through a real ConsumerPool and return the rows it produced, by number."""
+    work: queue.Queue[Chunk | None] = queue.Queue()
+    results: queue.Queue[list[Row] | None] = queue.Queue()
+    fatal: list[BaseException] = []
+    pool = ConsumerPool(processor, work, results, workers, lambda _w, exc: fatal.append(exc))
+    pool.start()
+    for start in range(0, len(numbers), 4):
+        work.put(numbers[start:start + 4])
+
+    def put(item: Chunk | None) -> bool:
+        work.put(item)
+        return True
+
+    assert pool.retire_all(put)
+    assert pool.join(30)
+    assert fatal == []
+    out: dict[int, Row] = {}
+    while not results.empty():
+        for row in results.get_nowait() or []:
+            assert row[0] not in out
+            out[row[0]] = row
+    return out
+
+
+def test_pool_processes_every_number_once() -> None:
+    """Every queued number comes back as exactly one 'ok' row."""
+    rows = run_pool(build_invoice, list(range(1, 101)))
+    assert sorted(rows) == list(range(1, 101))
+    assert {row[1] for row in rows.values()} == {"ok"}
+
+
+def test_failing_invoice_is_retried_then_stored_as_failed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An invoice that always raises is tried MAX_ATTEMPTS times, then becomes a 'failed' row."""
+    monkeypatch.setattr(pipeline, "RETRY_BACKOFF_S", 0.0)
+    calls: dict[int, int] = {}
+    lock = threading.Lock()
+
+    def poison_three(invoice_id: int) -> object:
+        with lock:
+            calls[invoice_id] = calls.get(invoice_id, 0) + 1
+        if invoice_id == 3:
+            raise ConnectionError("tax authority unreachable")
+        return build_invoice(invoice_id)
+
+    rows = run_pool(poison_three, [1, 2, 3, 4])
+    assert calls[3] == pipeline.MAX_ATTEMPTS
+    assert rows[3][1] == "failed"
+    assert rows[3][8] == "ConnectionError: tax authority unreachable"
+    assert rows[3][9] == pipeline.MAX_ATTEMPTS
+    assert [rows[n][1] for n in (1, 2, 4)] == ["ok", "ok", "ok"]
+
+
+def test_transient_failure_succeeds_on_retry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An invoice that fails once and then works is stored 'ok' with attempts = 2."""
+    monkeypatch.setattr(pipeline, "RETRY_BACKOFF_S", 0.0)
+    failed_once: set[int] = set()
+
+    def flaky(invoice_id: int) -> object:
+        if invoice_id not in failed_once:
+            failed_once.add(invoice_id)
+            raise TimeoutError("slow")
+        return build_invoice(invoice_id)
+
+    rows = run_pool(flaky, [5], workers=1)
+    assert rows[5][1] == "ok"
+    assert rows[5][9] == 2
+
+
+GARBAGE = [
+    ("not-an-invoice", {"id": 1}),
+    ("wrong-id", build_invoice(2)),
+    ("customer-not-str", dataclasses.replace(build_invoice(1), customer=42)),  # type: ignore[arg-type]
+    ("total-not-decimal", dataclasses.replace(build_invoice(1), total=1.5)),  # type: ignore[arg-type]
+    ("none", None),
+]
+
+
+@pytest.mark.parametrize("garbage", [g for _, g in GARBAGE], ids=[name for name, _ in GARBAGE])
+def test_garbage_from_a_processor_is_refused(garbage: object) -> None:
+    """invoice_row refuses anything but a well-typed Invoice for the requested number."""
+    with pytest.raises(ValueError, match="processor returned"):
+        invoice_row(1, garbage, 1)
+
+
+def test_valid_invoice_becomes_a_row() -> None:
+    """A good Invoice turns into an 'ok' row with exact decimal text."""
+    row = invoice_row(7, build_invoice(7), 1)
+    assert row[:2] == (7, "ok")
+    assert Decimal(row[6] or "") == build_invoice(7).total

@@ -1,0 +1,220 @@
+"""Storage against a real SQLite file: marks, batches, recovery, the instance lock, bad files."""
+
+from __future__ import annotations
+
+import queue
+import sqlite3
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from invoicer.generator import InvoiceNumberGenerator
+from invoicer.pipeline import StorageWriter, failed_row, invoice_row
+from invoicer.processing import build_invoice
+from invoicer.storage import (
+    EX_TEMPFAIL,
+    SELECT_IDS_BETWEEN,
+    RecoveryPlan,
+    Row,
+    Storage,
+    StorageError,
+)
+
+
+def rows(numbers: list[int] | range) -> list[Row]:
+    """Table rows for the sample invoices of ``numbers``."""
+    return [invoice_row(n, build_invoice(n), 1) for n in numbers]
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> Iterator[Storage]:
+    """An open Storage on a fresh file."""
+    opened = Storage(tmp_path / "invoices.db")
+    opened.open()
+    yield opened
+    opened.close()
+
+
+def test_fresh_database_has_schema_and_zero_marks(storage: Storage) -> None:
+    """A new file gets the schema, WAL mode and marks at zero; nothing to recover."""
+    assert storage.recovery_plan() == RecoveryPlan(0, 0, (), ())
+    with sqlite3.connect(storage.path) as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert connection.execute("SELECT count(*) FROM invoices").fetchone()[0] == 0
+
+
+def test_reserve_is_durable(tmp_path: Path) -> None:
+    """A reserved block survives closing and reopening the database."""
+    first = Storage(tmp_path / "db")
+    first.open()
+    assert first.reserve(10) == (1, 10)
+    assert first.reserve(5) == (11, 15)
+    first.close()
+    second = Storage(tmp_path / "db")
+    second.open()
+    plan = second.recovery_plan()
+    second.close()
+    assert plan.high_water == 15
+    assert plan.missing == tuple(range(1, 16))
+
+
+def test_save_batch_stores_rows_and_advances_stored_through(storage: Storage) -> None:
+    """Rows and the stored_through mark commit together."""
+    storage.reserve(10)
+    storage.save_batch(rows([1, 2, 3, 5]), stored_through=3)
+    plan = storage.recovery_plan()
+    assert plan.stored_through == 3
+    assert plan.stored_above == (5,)
+    assert plan.missing == (4, 6, 7, 8, 9, 10)
+    assert plan.stored_total == 4
+
+
+def test_stored_through_never_moves_back(storage: Storage) -> None:
+    """A batch carrying a lower stored_through leaves the mark where it was."""
+    storage.reserve(10)
+    storage.save_batch(rows(range(1, 6)), stored_through=5)
+    storage.save_batch(rows([7]), stored_through=2)
+    assert storage.recovery_plan().stored_through == 5
+
+
+def test_a_number_cannot_be_stored_twice(storage: Storage) -> None:
+    """The primary key refuses a duplicate; the whole batch is rolled back."""
+    storage.reserve(10)
+    storage.save_batch(rows([1]), stored_through=1)
+    with pytest.raises(StorageError, match="UNIQUE"):
+        storage.save_batch(rows([2, 1]), stored_through=2)
+    assert storage.recovery_plan().stored_above == ()
+    assert storage.recovery_plan().missing == tuple(range(2, 11))
+
+
+def test_release_gives_back_the_unused_reservation(storage: Storage) -> None:
+    """release() lowers the mark to the last number handed out, never raises it."""
+    storage.reserve(100)
+    storage.release(40)
+    assert storage.recovery_plan().high_water == 40
+    storage.release(70)
+    assert storage.recovery_plan().high_water == 40
+
+
+def test_rows_above_the_mark_are_covered(storage: Storage) -> None:
+    """A row inserted above the mark by hand raises the mark, so its number is never reused."""
+    with sqlite3.connect(storage.path) as connection:
+        connection.execute("INSERT INTO invoices (id, status, attempts) VALUES (3, 'ok', 1)")
+    connection.close()
+    plan = storage.recovery_plan()
+    assert plan.high_water == 3
+    assert plan.missing == (1, 2)
+
+
+def test_recovery_reads_a_primary_key_range_not_the_table(storage: Storage) -> None:
+    """The recovery query is a range search on the primary key, so its cost is bounded by the range."""
+    with sqlite3.connect(storage.path) as connection:
+        plan = connection.execute(f"EXPLAIN QUERY PLAN {SELECT_IDS_BETWEEN}", (0, 10)).fetchall()
+    connection.close()
+    detail = " ".join(row[-1] for row in plan)
+    assert "SEARCH invoices USING INTEGER PRIMARY KEY (rowid>? AND rowid<?)" in detail
+
+
+def test_second_instance_is_refused(storage: Storage) -> None:
+    """Opening a database another Storage holds fails with a clear error and EX_TEMPFAIL."""
+    second = Storage(storage.path)
+    with pytest.raises(StorageError, match="in use by another invoicer instance") as caught:
+        second.open()
+    assert caught.value.exit_code == EX_TEMPFAIL
+    storage.reserve(1)  # the first one is unharmed
+
+
+def test_not_a_database_is_refused_and_left_untouched(tmp_path: Path) -> None:
+    """A file that is not SQLite is refused with a message naming it, and its bytes stay the same."""
+    path = tmp_path / "notes.db"
+    content = b"these are my notes, not a database\n" * 200
+    path.write_bytes(content)
+    with pytest.raises(StorageError, match=rf"{path} is not a usable SQLite database"):
+        Storage(path).open()
+    assert path.read_bytes() == content
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.db"]
+
+
+def test_missing_directory_is_refused_naming_the_path(tmp_path: Path) -> None:
+    """A database in a directory that does not exist fails with the path and the reason."""
+    path = tmp_path / "nowhere" / "invoices.db"
+    with pytest.raises(StorageError, match=rf"{path}.*No such file or directory"):
+        Storage(path).open()
+
+
+def write(storage: Storage, plan: RecoveryPlan, batches: list[list[Row]]) -> StorageWriter:
+    """Run a real StorageWriter over ``batches`` and wait for it to commit them all."""
+    results: queue.Queue[list[Row] | None] = queue.Queue()
+    failures: list[BaseException] = []
+    writer = StorageWriter(storage, results, plan, lambda _where, exc: failures.append(exc),
+                           batch_size=7)
+    writer.start()
+    for batch in batches:
+        results.put(batch)
+    writer.stop()
+    assert writer.join(30)
+    assert failures == []
+    return writer
+
+
+def test_writer_advances_stored_through_over_out_of_order_rows(storage: Storage) -> None:
+    """Rows committed out of order move stored_through only across a complete prefix."""
+    plan = storage.recovery_plan()
+    storage.reserve(20)
+    writer = write(storage, plan, [rows([3, 1]), rows([2, 5]), [failed_row(6, ValueError("x"), 3)]])
+    assert writer.stored_through == 3
+    assert writer.committed_total == 5
+    after = storage.recovery_plan()
+    assert (after.stored_through, after.stored_above) == (3, (5, 6))
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_invariant_holds_through_random_hand_outs_commits_and_crashes(data: st.DataObject) -> None:
+    """Whatever is handed out, committed or lost in a crash, recovery owes exactly the unstored numbers."""
+    with tempfile.TemporaryDirectory() as directory:
+        check_random_crashes(Path(directory) / "p.db", data)
+
+
+def check_random_crashes(database: Path, data: st.DataObject) -> None:
+    """Drive generator, writer and recovery through drawn steps and crashes, checking after each."""
+    block = data.draw(st.integers(1, 30), label="block")
+    handed_out: set[int] = set()
+    for _crash in range(data.draw(st.integers(1, 4), label="runs")):
+        storage = Storage(database, synchronous="OFF")
+        storage.open()
+        plan = storage.recovery_plan()
+        with sqlite3.connect(database) as connection:
+            stored = {row[0] for row in connection.execute("SELECT id FROM invoices")}
+        connection.close()
+        assert handed_out <= set(range(1, plan.high_water + 1))
+        assert stored.isdisjoint(plan.missing)
+        assert stored | set(plan.missing) == set(range(1, plan.high_water + 1))
+        assert plan.stored_total == len(stored)
+        generator = InvoiceNumberGenerator(storage, plan.high_water, block_size=block)
+        owed = list(plan.missing)
+        batches: list[list[Row]] = []
+        for _step in range(data.draw(st.integers(0, 12), label="steps")):
+            if data.draw(st.booleans(), label="take"):
+                numbers = list(generator.take(data.draw(st.integers(1, 10), label="limit")))
+                handed_out.update(numbers)
+                owed.extend(numbers)
+            elif owed:
+                picked = data.draw(st.lists(st.sampled_from(owed), unique=True, max_size=8), label="commit")
+                owed = [n for n in owed if n not in picked]
+                batches.append(rows(picked))
+        write(storage, plan, batches)
+        storage.close()  # crash: whatever is still owed is abandoned, the reservation is not released
+    # A final clean run processes everything owed and releases nothing: the table is gap-free.
+    storage = Storage(database, synchronous="OFF")
+    storage.open()
+    plan = storage.recovery_plan()
+    write(storage, plan, [rows(list(plan.missing))])
+    final = storage.recovery_plan()
+    storage.close()
+    assert final.missing == ()
+    assert final.stored_total == final.high_water >= len(handed_out)
