@@ -164,14 +164,14 @@ def start_daemon(notify_socket: NotifyListener, short_tmp: Path) -> Iterator[Cal
     """Start ``invoicer run`` subprocesses with NOTIFY_SOCKET pointing at the listener; kill leftovers."""
     started: list[subprocess.Popen[str]] = []
 
-    def start(database: Path, *, notify: bool = True, **env: str) -> Daemon:
+    def start(database: Path, *, notify: bool = True, python: str = sys.executable, **env: str) -> Daemon:
         environment = daemon_env(database, **env)
         if notify:
             environment["NOTIFY_SOCKET"] = str(notify_socket.path)
         # A file, not a pipe: nobody reads a pipe while the test waits, and a full pipe blocks logging.
         log_path = short_tmp / f"daemon-{len(started)}.log"
         with log_path.open("w") as log_file:
-            process = subprocess.Popen([sys.executable, "-m", "invoicer", "run"], env=environment,
+            process = subprocess.Popen([python, "-m", "invoicer", "run"], env=environment,
                                        stdout=log_file, stderr=subprocess.STDOUT, text=True)
         started.append(process)
         return Daemon(process, notify_socket if notify else None, log_path)
