@@ -13,28 +13,36 @@ import pytest
 
 from invoicer import pipeline
 from invoicer.generator import InvoiceNumberGenerator
-from invoicer.pipeline import Chunk, ConsumerPool, Producer, chunk_size, invoice_row, queued_numbers
+from invoicer.pipeline import ConsumerPool, Producer, chunk_for, invoice_row, max_chunk
 from invoicer.processing import build_invoice
 from invoicer.storage import Row
+from invoicer.workqueue import WorkQueue
 from tests.test_generator import CountingReserver
 
 
-def test_chunk_size_keeps_several_items_in_the_queue() -> None:
+def test_largest_chunk_keeps_several_in_the_queue() -> None:
     """Chunks are at most MAX_CHUNK and never larger than an eighth of the queue (but at least 1)."""
-    assert chunk_size(1) == 1
-    assert chunk_size(80) == 10
-    assert chunk_size(10**6) == pipeline.MAX_CHUNK
+    assert max_chunk(1) == 1
+    assert max_chunk(80) == 10
+    assert max_chunk(10**6) == pipeline.MAX_CHUNK
+
+
+@pytest.mark.parametrize(("seconds", "expected"), [
+    (0.0, 64), (0.00001, 64), (0.001, 20), (0.005, 4), (0.6, 1), (30.0, 1)])
+def test_chunk_follows_the_invoice_time(seconds: float, expected: int) -> None:
+    """A chunk is about CHUNK_TARGET_S of work: fast invoices travel 64 at a time, slow ones singly."""
+    assert chunk_for(seconds, 64) == expected
 
 
 def test_producer_sends_recovered_numbers_first_then_new_ones() -> None:
     """Recovered numbers go on the queue before any new number, each exactly once."""
-    work: queue.Queue[Chunk | None] = queue.Queue(maxsize=100)
+    work = WorkQueue(100)
     generator = InvoiceNumberGenerator(CountingReserver(10), 10, block_size=4)
-    producer = Producer(generator, work, [3, 7, 9], 2, lambda *_: None)
+    producer = Producer(generator, work, [3, 7, 9], lambda: 2, lambda *_: None)
     producer.start()
     seen: list[int] = []
     while len(seen) < 12:
-        item = work.get(timeout=10)
+        item = work.get()
         assert item is not None
         seen.extend(item)
     producer.stop()
@@ -45,39 +53,39 @@ def test_producer_sends_recovered_numbers_first_then_new_ones() -> None:
 
 def test_producer_blocks_on_a_full_queue_and_gives_back_on_stop() -> None:
     """Back-pressure: a full queue blocks the producer; stopping gives the unqueued chunk back."""
-    work: queue.Queue[Chunk | None] = queue.Queue(maxsize=2)
+    work = WorkQueue(10)
     generator = InvoiceNumberGenerator(CountingReserver(), 0, block_size=100)
-    producer = Producer(generator, work, [], 5, lambda *_: None)
+    took: list[int] = []
+
+    def chunk() -> int:  # the producer asks before each chunk; the third ask means two are queued
+        took.append(5)
+        if len(took) == 3:
+            producer.stop()
+        return 5
+
+    producer = Producer(generator, work, [], chunk, lambda *_: None)
     producer.start()
-    while not work.full():
-        threading.Event().wait(0.01)
-    producer.stop()
     assert producer.join(5)
-    assert queued_numbers(work) == 10
+    assert work.depth() == 10
     assert producer.queued_total == 10
     assert generator.last_issued == 10  # the blocked third chunk (11..15) was given back
 
 
 def run_pool(processor: Callable[[int], Any], numbers: list[int], workers: int = 3) -> dict[int, Row]:
     """Push ``numbers`` through a real ConsumerPool and return the rows it produced, by number."""
-    work: queue.Queue[Chunk | None] = queue.Queue()
-    results: queue.Queue[list[Row] | None] = queue.Queue()
+    work = WorkQueue(len(numbers))
+    results: queue.Queue[list[Row]] = queue.Queue()
     fatal: list[BaseException] = []
     pool = ConsumerPool(processor, work, results, workers, lambda _w, exc: fatal.append(exc))
     pool.start()
     for start in range(0, len(numbers), 4):
-        work.put(numbers[start:start + 4])
-
-    def put(item: Chunk | None) -> bool:
-        work.put(item)
-        return True
-
-    assert pool.retire_all(put)
+        assert work.put(numbers[start:start + 4])
+    pool.retire_all()
     assert pool.join(30)
     assert fatal == []
     out: dict[int, Row] = {}
     while not results.empty():
-        for row in results.get_nowait() or []:
+        for row in results.get_nowait():
             assert row[0] not in out
             out[row[0]] = row
     return out
@@ -148,3 +156,52 @@ def test_valid_invoice_becomes_a_row() -> None:
     row = invoice_row(7, build_invoice(7), 1)
     assert row[:2] == (7, "ok")
     assert Decimal(row[6] or "") == build_invoice(7).total
+
+
+def test_slow_invoices_reach_the_writer_one_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A finished row is handed to the writer while the rest of its chunk is still being processed."""
+    monkeypatch.setattr(pipeline, "HANDOFF_S", 0.0)
+    release = threading.Event()
+
+    def blocks_on_two(invoice_id: int) -> object:
+        if invoice_id == 2:
+            release.wait(30)
+        return build_invoice(invoice_id)
+
+    work = WorkQueue(10)
+    results: queue.Queue[list[Row]] = queue.Queue()
+    pool = ConsumerPool(blocks_on_two, work, results, 1, lambda *_: None)
+    pool.start()
+    work.put([1, 2])
+    first = results.get(timeout=10)
+    assert [row[0] for row in first] == [1]
+    assert not release.is_set()
+    release.set()
+    second = results.get(timeout=10)
+    assert [row[0] for row in second] == [2]
+    work.put_sentinel()
+    assert pool.join(10)
+
+
+def test_resize_grows_and_shrinks_without_losing_numbers() -> None:
+    """Growing starts loops, shrinking retires them after queued work; every number still comes back."""
+    work = WorkQueue(1000)
+    results: queue.Queue[list[Row]] = queue.Queue()
+    pool = ConsumerPool(build_invoice, work, results, 2, lambda *_: None)
+    pool.start()
+    for start in range(1, 301, 10):
+        work.put(list(range(start, start + 10)))
+    pool.resize(5)
+    assert pool.workers == 5
+    for start in range(301, 601, 10):
+        work.put(list(range(start, start + 10)))
+    pool.resize(1)
+    assert pool.workers == 1
+    for start in range(601, 901, 10):
+        work.put(list(range(start, start + 10)))
+    pool.retire_all()
+    assert pool.join(30)
+    seen: list[int] = []
+    while not results.empty():
+        seen.extend(row[0] for row in results.get_nowait())
+    assert sorted(seen) == list(range(1, 901))

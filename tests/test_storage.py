@@ -148,7 +148,7 @@ def test_missing_directory_is_refused_naming_the_path(tmp_path: Path) -> None:
 
 def write(storage: Storage, plan: RecoveryPlan, batches: list[list[Row]]) -> StorageWriter:
     """Run a real StorageWriter over ``batches`` and wait for it to commit them all."""
-    results: queue.Queue[list[Row] | None] = queue.Queue()
+    results: queue.Queue[list[Row]] = queue.Queue()
     failures: list[BaseException] = []
     writer = StorageWriter(storage, results, plan, lambda _where, exc: failures.append(exc),
                            batch_size=7)

@@ -7,8 +7,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from invoicer import __version__, processing
-from invoicer.config import LOG_LEVELS, ConfigError, load_config, load_processor
+from invoicer import __version__, control, processing
+from invoicer.config import LOG_LEVELS, ConfigError, database_path, load_config, load_processor
 from invoicer.daemon import Daemon
 from invoicer.logs import configure_logging
 
@@ -26,7 +26,27 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("run", help="run the daemon in the foreground until SIGTERM or SIGINT",
                         description="Run the daemon in the foreground; SIGTERM/SIGINT drain and stop it.")
+    reload = commands.add_parser(
+        "reload", help="make a running daemon re-read its environment file; return once it has",
+        description="Send SIGHUP to PID and wait until it has applied (or refused) the reload. "
+                    "The unit's ExecReload.")
+    reload.add_argument("pid", type=int, help="the daemon's process id ($MAINPID under systemd)")
+    reload.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
     return parser
+
+
+def reload(pid: int, timeout: float) -> int:
+    """Ask ``pid`` to reload and wait; print the outcome; 0 if applied, 1 otherwise."""
+    # Only the path of the reload record is needed here: the daemon itself judges the new values (a bad
+    # one is refused there, and reported back through the record).
+    try:
+        path = control.state_path(os.environ, database_path(os.environ))
+        record = control.request_reload(pid, path, timeout)
+    except (ConfigError, control.ReloadError) as exc:
+        print(f"invoicer reload: {exc}", file=sys.stderr)
+        return 1
+    print(f"invoicer reload: {record.message}")
+    return 0
 
 
 def run() -> int:
@@ -49,5 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "run":
         return run()
+    if args.command == "reload":
+        return reload(args.pid, args.timeout)
     parser.print_help(sys.stderr)
     return 2

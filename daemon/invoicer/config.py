@@ -84,7 +84,8 @@ def _log_level(env: Mapping[str, str]) -> str:
     return raw.upper()
 
 
-def _database(env: Mapping[str, str]) -> Path:
+def database_path(env: Mapping[str, str]) -> Path:
+    """Return the database path the environment names (INVOICER_DATABASE, else the default)."""
     raw = env.get("INVOICER_DATABASE", "")
     if raw.strip():
         if "\0" in raw:
@@ -128,7 +129,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
     return Config(
         workers=_integer(env, "INVOICER_WORKERS", Config.workers, 1, MAX_WORKERS),
         queue_size=_integer(env, "INVOICER_QUEUE_SIZE", Config.queue_size, 1, MAX_QUEUE_SIZE),
-        database=_database(env),
+        database=database_path(env),
         processor=processor,
         processing_delay_ms=_number(env, "INVOICER_PROCESSING_DELAY_MS", Config.processing_delay_ms,
                                     0, MAX_PROCESSING_DELAY_MS, low_inclusive=True),
@@ -136,6 +137,44 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
                                 0, MAX_STATUS_INTERVAL, low_inclusive=False),
         log_level=_log_level(env),
     )
+
+
+ENVIRONMENT_FILE = Path("/etc/default/invoicer")
+RELOADABLE = ("workers", "log_level")
+
+
+def environment_file(env: Mapping[str, str]) -> Path:
+    """Name the file ``reload`` re-reads: ``$INVOICER_ENVIRONMENT_FILE`` or /etc/default/invoicer."""
+    return Path(env.get("INVOICER_ENVIRONMENT_FILE", "") or ENVIRONMENT_FILE)
+
+
+def read_environment_file(path: Path) -> dict[str, str]:
+    """Read KEY=VALUE lines as systemd's EnvironmentFile= does (comments, quotes); {} if it is missing."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"environment file {path} cannot be read ({exc})") from None
+    values: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not key.replace("_", "").isalnum():
+            raise ConfigError(f"environment file {path}, line {number}: expected KEY=VALUE, got {raw!r}")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        values[key] = value
+    return values
+
+
+def changed_settings(old: Config, new: Config) -> list[str]:
+    """Names of the settings that differ between two configurations."""
+    return [f.name for f in dataclasses.fields(Config) if getattr(old, f.name) != getattr(new, f.name)]
 
 
 def log_level_number(name: str) -> int:

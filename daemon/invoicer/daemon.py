@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -12,31 +13,34 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from invoicer import __version__
-from invoicer.config import Config
+from invoicer import __version__, control
+from invoicer.config import (
+    RELOADABLE,
+    Config,
+    ConfigError,
+    changed_settings,
+    environment_file,
+    load_config,
+    read_environment_file,
+)
 from invoicer.generator import InvoiceNumberGenerator
 from invoicer.notify import Notifier, watchdog_interval
 from invoicer.observer import Observer, Snapshot, status_line
-from invoicer.pipeline import (
-    Chunk,
-    ConsumerPool,
-    Producer,
-    StorageWriter,
-    chunk_size,
-    queued_numbers,
-)
+from invoicer.pipeline import ConsumerPool, Producer, StorageWriter, chunk_for, max_chunk
 from invoicer.storage import RecoveryPlan, Row, Storage, StorageError
+from invoicer.workqueue import WorkQueue
 
 log = logging.getLogger("invoicer")
 
 EX_SOFTWARE = 70          # sysexits.h: an internal failure (a broken loop)
-DRAIN_TIMEOUT_S = 90.0    # past this the drain is abandoned; what is left is recovered at the next start
+DRAIN_STALL_S = 30.0      # a drain that commits nothing for this long is abandoned (recovered next start)
 WAIT_STEP_S = 0.05        # how often the main thread re-checks its events while it waits for a thread
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP)
 
 
 class _AbandonDrainError(Exception):
-    """The drain cannot finish (a second signal, the deadline, a fatal error): stop at once."""
+    """The drain cannot finish (a second signal, a stall): stop at once."""
 
     def __init__(self, reason: str, exit_code: int) -> None:
         super().__init__(reason)
@@ -55,12 +59,24 @@ class Daemon:
         # Signal handlers and failing threads only record here; the main thread acts on it.
         self._events: queue.SimpleQueue[tuple[str, Any, Any]] = queue.SimpleQueue()
         self._state = "starting"
+        # What reload starts from: the environment we were started with, less what came from the file.
+        self._start_env = dict(os.environ)
+        self._environment_file = environment_file(self._start_env)
+        self._reload_state = control.state_path(self._start_env, config.database)
+        self._reloads = 0
+        self._file_keys: frozenset[str] = frozenset()
 
     # -- start-up -----------------------------------------------------------------------------------
 
     def run(self) -> int:
         """Open, recover, start, wait for a signal or a failure, stop; return the process exit code."""
         log.info("starting invoicer %s", __version__, extra={"pid": os.getpid(), **self.config.summary()})
+        for signum in HANDLED_SIGNALS:  # early: a stop or reload during start-up is acted on once running
+            signal.signal(signum, self._on_signal)
+        try:
+            self._file_keys = frozenset(read_environment_file(self._environment_file))
+        except ConfigError as exc:
+            log.warning("%s; reload will not be able to tell its variables from the rest", exc)
         try:
             self._storage.open()
             plan = self._storage.recovery_plan()
@@ -71,8 +87,6 @@ class Daemon:
             "recovered": len(plan.missing), "high_water": plan.high_water,
             "stored_through": plan.stored_through, "stored_total": plan.stored_total})
         self._build(plan)
-        for signum in STOP_SIGNALS:
-            signal.signal(signum, self._on_signal)
         self._state = "recovering" if plan.missing else "running"
         self._writer.start()
         self._pool.start()
@@ -80,18 +94,20 @@ class Daemon:
         self._notifier.ready(status_line(self._snapshot(), 0.0))
         self._observer.start()
         log.info("ready", extra={"workers": self.config.workers, "database": str(self.config.database)})
+        self._record_reload(ok=True, message="started")
         return self._main_loop()
 
     def _build(self, plan: RecoveryPlan) -> None:
         config = self.config
-        chunk = chunk_size(config.queue_size)
+        largest = max_chunk(config.queue_size)
         self._plan = plan
-        self._work: queue.Queue[Chunk | None] = queue.Queue(maxsize=max(1, config.queue_size // chunk))
-        self._results: queue.Queue[list[Row] | None] = queue.Queue(maxsize=max(8, 2 * config.workers))
+        self._work = WorkQueue(config.queue_size)
+        self._results: queue.Queue[list[Row]] = queue.Queue(maxsize=max(8, 2 * config.workers))
         self._generator = InvoiceNumberGenerator(self._storage, plan.high_water)
-        self._producer = Producer(self._generator, self._work, plan.missing, chunk, self._on_fatal)
         self._pool = ConsumerPool(self._processor, self._work, self._results, config.workers,
                                   self._on_fatal)
+        self._producer = Producer(self._generator, self._work, plan.missing,
+                                  lambda: chunk_for(self._pool.invoice_seconds, largest), self._on_fatal)
         self._writer = StorageWriter(self._storage, self._results, plan, self._on_fatal)
         self._observer = Observer(self._snapshot, self._notifier, config.status_interval,
                                   watchdog_interval(os.environ, os.getpid()))
@@ -114,7 +130,7 @@ class Daemon:
             stored_total=self._plan.stored_total + writer.committed_total,
             committed=writer.committed_total,
             pending=self._producer.queued_total - writer.committed_total,
-            queue_depth=queued_numbers(self._work))
+            queue_depth=self._work.depth())
 
     # -- the main thread ------------------------------------------------------------------------------
 
@@ -123,23 +139,66 @@ class Daemon:
             kind, what, detail = self._events.get()
             if kind == "signal" and what in STOP_SIGNALS:
                 return self._shutdown(signal.Signals(what).name)
+            if kind == "signal" and what == signal.SIGHUP:
+                self._reload()
             if kind == "fatal":
                 self._die(f"{what} failed: {detail}", detail)
+
+    # -- reload ---------------------------------------------------------------------------------------
+
+    def _reload(self) -> None:
+        """Re-read the environment file; apply INVOICER_WORKERS and INVOICER_LOG_LEVEL in place."""
+        self._notifier.reloading(time.monotonic_ns() // 1000)
+        try:
+            new = self._read_config()
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            ok, message = False, f"reload refused: {exc}"
+        else:
+            changed = changed_settings(self.config, new)
+            for name in changed:
+                if name not in RELOADABLE:
+                    log.warning("INVOICER_%s changed in %s; it takes effect at the next restart",
+                                name.upper(), self._environment_file, extra={"setting": name})
+            if new.workers != self.config.workers:
+                self._pool.resize(new.workers)
+            logging.getLogger("invoicer").setLevel(new.log_level)
+            self.config = dataclasses.replace(self.config, workers=self._pool.workers,
+                                              log_level=new.log_level)
+            ok, message = True, f"reloaded: {self.config.workers} workers, log level {new.log_level}"
+            log.info("reloaded", extra={"workers": self.config.workers, "log_level": new.log_level,
+                                        "changed": changed})
+        self._notifier.ready(status_line(self._snapshot(), self._observer.rate))
+        self._record_reload(ok=ok, message=message)
+
+    def _read_config(self) -> Config:
+        # A variable deleted from the file since start falls back to its default, not its old value.
+        values = read_environment_file(self._environment_file)
+        env = {k: v for k, v in self._start_env.items() if k not in self._file_keys} | values
+        return load_config(env)
+
+    def _record_reload(self, *, ok: bool, message: str) -> None:
+        record = control.ReloadRecord(os.getpid(), self._reloads, ok, message)
+        self._reloads += 1
+        try:
+            control.write_record(self._reload_state, record)
+        except OSError as exc:
+            log.warning("cannot write the reload record %s (%s); `invoicer reload` will not be able to "
+                        "confirm reloads", self._reload_state, exc)
 
     def _shutdown(self, reason: str) -> int:
         """Stop producing, drain the queue and the in-flight invoices, flush, report, exit 0."""
         started = time.monotonic()
-        deadline = started + DRAIN_TIMEOUT_S
         committed_before = self._writer.committed_total
         self._state = "draining"
         log.info("%s received: draining", reason, extra={"pending": self._snapshot().pending})
         try:
             self._producer.stop()
-            self._wait(self._producer.join, deadline)
-            self._pool.retire_all(lambda item: self._put(self._work, item, deadline))
-            self._wait(self._pool.join, deadline)
+            self._wait(self._producer.join)
+            self._pool.retire_all()
+            self._wait(self._pool.join)
             self._writer.stop()
-            self._wait(self._writer.join, deadline)
+            self._wait(self._writer.join)
             self._storage.release(self._generator.last_issued)
         except _AbandonDrainError as exc:
             self._abandon(str(exc), exc.exit_code)
@@ -159,29 +218,32 @@ class Daemon:
         self._storage.close()
         return 0
 
-    def _wait(self, step: Callable[[float], bool], deadline: float) -> None:
-        """Call ``step(timeout)`` until it returns True, watching for signals, failures, the deadline."""
+    def _wait(self, step: Callable[[float], bool]) -> None:
+        """Call ``step(timeout)`` until it returns True, watching for signals, failures and a stall.
+
+        The drain's deadline moves with its progress: it is abandoned only once nothing has been
+        committed for DRAIN_STALL_S while work is still pending.
+        """
+        committed = self._writer.committed_total
+        deadline = time.monotonic() + DRAIN_STALL_S
         while not step(WAIT_STEP_S):
-            self._check_events(deadline)
+            self._check_events()
+            now = time.monotonic()
+            if self._writer.committed_total != committed or self._snapshot().pending == 0:
+                committed = self._writer.committed_total
+                deadline = now + DRAIN_STALL_S
+            elif now > deadline:
+                raise _AbandonDrainError(f"the drain committed nothing for {DRAIN_STALL_S:g}s", EX_SOFTWARE)
 
-    def _put(self, target: queue.Queue[Any], item: Any, deadline: float) -> bool:
-        while True:
-            try:
-                target.put(item, timeout=WAIT_STEP_S)
-                return True
-            except queue.Full:
-                self._check_events(deadline)
-
-    def _check_events(self, deadline: float) -> None:
+    def _check_events(self) -> None:
         try:
             kind, what, detail = self._events.get_nowait()
         except queue.Empty:
-            if time.monotonic() > deadline:
-                reason = f"drain did not finish within {DRAIN_TIMEOUT_S:g}s"
-                raise _AbandonDrainError(reason, EX_SOFTWARE) from None
             return
-        if kind == "signal":
+        if kind == "signal" and what in STOP_SIGNALS:
             raise _AbandonDrainError(f"second {signal.Signals(what).name} during the drain", 128 + what)
+        if kind == "signal":
+            log.warning("%s ignored: the daemon is draining", signal.Signals(what).name)
         if kind == "fatal":
             self._die(f"{what} failed during the drain: {detail}", detail)
 

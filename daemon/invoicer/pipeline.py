@@ -21,39 +21,47 @@ from invoicer.config import MAX_WORKERS
 from invoicer.generator import InvoiceNumberGenerator
 from invoicer.processing import Invoice
 from invoicer.storage import RecoveryPlan, Row, Storage
+from invoicer.workqueue import Chunk, WorkQueue
 
 log = logging.getLogger("invoicer")
 
 MAX_ATTEMPTS = 3
 RETRY_BACKOFF_S = 0.05          # doubled after each failed attempt
-MAX_CHUNK = 64                  # invoice numbers per work-queue item
+MAX_CHUNK = 64                  # invoice numbers per work-queue item, at most
+CHUNK_TARGET_S = 0.02           # ... and about this much processing: slow invoices travel one by one
 WRITER_BATCH = 2048             # rows per transaction at most
 POLL_S = 0.1                    # how often a blocked put re-checks its stop event
+HANDOFF_S = 0.05                # a consumer hands finished rows to the writer at least this often, so
+                                # slow invoices still commit (and feed the watchdog) one by one
 
-Chunk = Sequence[int]
 FatalHandler = Callable[[str, BaseException], None]
 
 
-def chunk_size(queue_size: int) -> int:
-    """Numbers per queue item: small enough that the queue still holds several items."""
+def max_chunk(queue_size: int) -> int:
+    """Return the largest chunk for a queue of ``queue_size`` numbers: it still holds several chunks."""
     return max(1, min(MAX_CHUNK, queue_size // 8))
 
 
-def queued_numbers(work: queue.Queue[Chunk | None]) -> int:
-    """How many invoice numbers wait in ``work`` right now."""
-    with work.mutex:
-        return sum(len(item) for item in work.queue if item is not None)
+def chunk_for(invoice_seconds: float, largest: int) -> int:
+    """Numbers per chunk so that one chunk is about CHUNK_TARGET_S of processing (1..largest).
+
+    Small chunks keep the drain and the commit latency short when invoices are slow; large ones keep
+    the queueing cost per invoice small when they are fast.
+    """
+    if invoice_seconds <= 0:
+        return largest
+    return max(1, min(largest, int(CHUNK_TARGET_S / invoice_seconds)))
 
 
 class Producer:
     """One thread: recovered numbers first, then new ones, onto the bounded work queue (back-pressure)."""
 
-    def __init__(self, generator: InvoiceNumberGenerator, work: queue.Queue[Chunk | None],
-                 recovered: Sequence[int], chunk: int, on_fatal: FatalHandler) -> None:
+    def __init__(self, generator: InvoiceNumberGenerator, work: WorkQueue, recovered: Sequence[int],
+                 chunk: Callable[[], int], on_fatal: FatalHandler) -> None:
         self._generator = generator
         self._work = work
         self._recovered = recovered
-        self._chunk = chunk
+        self._chunk = chunk  # asked before each chunk: the size follows the measured invoice time
         self._on_fatal = on_fatal
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="invoicer-producer", daemon=True)
@@ -77,13 +85,13 @@ class Producer:
         try:
             position = 0
             while position < len(self._recovered) and not self._stop.is_set():
-                chunk = self._recovered[position:position + self._chunk]
+                chunk = self._recovered[position:position + self._chunk()]
                 if not self._put(chunk):
                     return  # not queued: still missing from the table, so recovered at the next start
                 position += len(chunk)
                 self.recovered_left = len(self._recovered) - position
             while not self._stop.is_set():
-                numbers = self._generator.take(self._chunk)
+                numbers = self._generator.take(self._chunk())
                 if not self._put(numbers):
                     self._generator.give_back(numbers)
                     return
@@ -91,15 +99,11 @@ class Producer:
             self._on_fatal("producer", exc)
 
     def _put(self, chunk: Chunk) -> bool:
-        while True:
-            try:
-                self._work.put(chunk, timeout=POLL_S)
-            except queue.Full:
-                if self._stop.is_set():
-                    return False
-                continue
-            self.queued_total += len(chunk)
-            return True
+        while not self._work.put(chunk, timeout=POLL_S):
+            if self._stop.is_set():
+                return False
+        self.queued_total += len(chunk)
+        return True
 
 
 def invoice_row(invoice_id: int, invoice: Any, attempts: int) -> Row:
@@ -127,8 +131,8 @@ def failed_row(invoice_id: int, exc: BaseException, attempts: int) -> Row:
 class ConsumerPool:
     """``workers`` consumers in a ThreadPoolExecutor: process each number, hand rows to the writer."""
 
-    def __init__(self, processor: Callable[[int], Any], work: queue.Queue[Chunk | None],
-                 results: queue.Queue[list[Row] | None], workers: int, on_fatal: FatalHandler) -> None:
+    def __init__(self, processor: Callable[[int], Any], work: WorkQueue,
+                 results: queue.Queue[list[Row]], workers: int, on_fatal: FatalHandler) -> None:
         self._processor = processor
         self._work = work
         self._results = results
@@ -136,22 +140,41 @@ class ConsumerPool:
         # The executor's ceiling is the configuration's; it starts threads only as loops are submitted.
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=MAX_WORKERS, thread_name_prefix="invoicer-consumer")
-        # Rule: _lock guards _futures and workers; only the main thread changes them.
+        # Rule: _lock guards _futures and workers (the loops not yet asked to retire); only the main
+        # thread changes them, others may read.
         self._lock = threading.Lock()
         self._futures: list[concurrent.futures.Future[None]] = []
         self.workers = workers
+        # Seconds one invoice takes, a moving average; written by consumers (a float store is atomic
+        # under the GIL), read by the producer to size chunks.
+        self.invoice_seconds = 0.0
 
     def start(self) -> None:
         """Start ``workers`` consumer loops."""
         with self._lock:
-            for number in range(self.workers):
-                self._futures.append(self._executor.submit(self._consume, number))
+            for _ in range(self.workers):
+                self._futures.append(self._executor.submit(self._consume, len(self._futures)))
 
-    def retire_all(self, put: Callable[[Chunk | None], bool]) -> bool:
-        """Queue one retirement sentinel per consumer (after the producer stopped); False if ``put`` fails."""
+    def resize(self, workers: int) -> None:
+        """Grow by starting loops, or shrink by queueing one retirement sentinel per surplus loop.
+
+        A retiring loop finishes the chunk it holds first, and the sentinel queues behind the work
+        already waiting, so no number is dropped or handed to two loops.
+        """
         with self._lock:
-            count = len(self._futures)
-        return all(put(None) for _ in range(count))
+            for _ in range(self.workers, workers):
+                self._futures.append(self._executor.submit(self._consume, len(self._futures)))
+            surplus = self.workers - workers
+            self.workers = workers
+        for _ in range(surplus):
+            self._work.put_sentinel()
+
+    def retire_all(self) -> None:
+        """Queue one retirement sentinel per running loop (after the producer stopped)."""
+        with self._lock:
+            count = self.workers
+        for _ in range(count):
+            self._work.put_sentinel()
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for every consumer loop to end; True once they all have."""
@@ -169,7 +192,17 @@ class ConsumerPool:
                 chunk = self._work.get()
                 if chunk is None:
                     return
-                self._results.put([self._process(number, worker) for number in chunk])
+                rows: list[Row] = []
+                started = handed_at = time.monotonic()
+                for number in chunk:
+                    rows.append(self._process(number, worker))
+                    if (now := time.monotonic()) - handed_at >= HANDOFF_S:
+                        self._results.put(rows)
+                        rows, handed_at = [], now
+                if rows:
+                    self._results.put(rows)
+                per_invoice = (time.monotonic() - started) / len(chunk)
+                self.invoice_seconds += (per_invoice - self.invoice_seconds) * 0.2
         except BaseException as exc:  # a broken loop (not a broken invoice) ends the process loudly
             self._on_fatal(f"consumer {worker}", exc)
 
@@ -197,7 +230,7 @@ class StorageWriter:
     it with each batch, which is what keeps recovery from scanning the whole table.
     """
 
-    def __init__(self, storage: Storage, results: queue.Queue[list[Row] | None], plan: RecoveryPlan,
+    def __init__(self, storage: Storage, results: queue.Queue[list[Row]], plan: RecoveryPlan,
                  on_fatal: FatalHandler, batch_size: int = WRITER_BATCH) -> None:
         self._storage = storage
         self._results = results
@@ -205,6 +238,7 @@ class StorageWriter:
         self._batch_size = batch_size
         self._stored_above = list(plan.stored_above)  # a heap of stored numbers above stored_through
         heapq.heapify(self._stored_above)
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="invoicer-writer", daemon=True)
         # Written by the writer thread only, after each commit; others just read them.
         self.stored_through = plan.stored_through
@@ -215,8 +249,8 @@ class StorageWriter:
         self._thread.start()
 
     def stop(self) -> None:
-        """Ask the writer to commit what it has and end (after the consumers ended)."""
-        self._results.put(None)
+        """Ask the writer to commit what is queued and end; call it once the consumers have ended."""
+        self._stop.set()
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the thread; True once it has ended."""
@@ -225,21 +259,19 @@ class StorageWriter:
 
     def _run(self) -> None:
         try:
-            finished = False
-            while not finished:
-                batch: list[Row] = []
-                item = self._results.get()
-                while item is not None:
-                    batch.extend(item)
-                    if len(batch) >= self._batch_size:
-                        break
+            while True:
+                try:
+                    batch = list(self._results.get(timeout=POLL_S))
+                except queue.Empty:
+                    if self._stop.is_set():
+                        return  # the consumers have ended, so nothing more can arrive
+                    continue
+                while len(batch) < self._batch_size:  # whatever else is waiting joins this commit
                     try:
-                        item = self._results.get_nowait()
+                        batch.extend(self._results.get_nowait())
                     except queue.Empty:
                         break
-                finished = item is None
-                if batch:
-                    self._commit(batch)
+                self._commit(batch)
         except BaseException as exc:  # storage failure: end loudly; uncommitted rows are recovered
             self._on_fatal("writer", exc)
 

@@ -1,0 +1,256 @@
+"""The repository's own invoicer.service under a real systemd user manager and journald (DESIGN §6)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, assert_gap_free, require, table_facts
+from tests.systemd_harness import UserManager, missing_requirements
+
+pytestmark = pytest.mark.systemd
+
+UNIT = "invoicer.service"
+# Only what a user manager cannot do, and where ExecStart finds the test install (DESIGN §6).
+DROP_IN = """\
+[Service]
+ExecStart=
+ExecStart={bin}/invoicer run
+ExecReload=
+ExecReload={bin}/invoicer reload $MAINPID
+DynamicUser=no
+PrivateUsers=no
+ProtectHome=no
+ProtectKernelTunables=no
+SystemCallFilter=@chown
+# The tests' processor plugins (tests.plugins) live in the repository.
+Environment=PYTHONPATH={repo}
+"""
+
+
+def test_installed_entry_point_exists() -> None:
+    """The console script the drop-in points at is installed beside the test interpreter."""
+    assert (Path(sys.executable).parent / "invoicer").exists()
+
+
+@pytest.fixture(scope="module")
+def manager() -> Iterator[UserManager]:
+    """A user manager with the repository's unit, the test drop-in and an environment file."""
+    missing = missing_requirements()
+    require(not missing, f"cannot run a systemd user manager here: missing {', '.join(missing)}")
+    harness = UserManager()
+    try:
+        harness.start()
+        shutil.copy(REPO / UNIT, harness.units / UNIT)
+        drop_in = harness.units / f"{UNIT}.d"
+        drop_in.mkdir()
+        (drop_in / "test.conf").write_text(DROP_IN.format(bin=Path(sys.executable).parent, repo=REPO))
+        harness.systemctl("daemon-reload")
+        yield harness
+    finally:
+        harness.systemctl("stop", UNIT, check=False, timeout=60)
+        harness.stop()
+
+
+def write_environment(manager: UserManager, **values: str) -> None:
+    """Write /etc/default/invoicer as the namespace sees it (never the host's)."""
+    text = "".join(f"{key}={value}\n" for key, value in values.items())
+    manager.host_path("/etc/default/invoicer").write_text(text)
+
+
+def database(manager: UserManager) -> Path:
+    """Where StateDirectory=invoicer puts the default database under a user manager."""
+    return manager.home / ".config" / "invoicer" / "invoices.db"
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll ``predicate`` (another process's state: nothing to wait on) until true or fail."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout}s")
+        time.sleep(0.1)
+
+
+def status(manager: UserManager) -> dict[str, str]:
+    """The properties the tests look at."""
+    return manager.show(UNIT, "StatusText", "MainPID", "NRestarts", "Result", "ActiveState", "SubState")
+
+
+def rate_of(status_text: str) -> int:
+    """The invoices/s figure in a STATUS line."""
+    match = re.search(r"([\d,]+) invoices/s", status_text)
+    assert match, status_text
+    return int(match.group(1).replace(",", ""))
+
+
+BASE_ENV = {"INVOICER_STATUS_INTERVAL": "0.2", "INVOICER_PROCESSING_DELAY_MS": "2"}
+
+
+def test_unit_file_verifies_clean() -> None:
+    """systemd-analyze verify reports nothing (with the binary and man page where the unit names them)."""
+    require(not missing_requirements(), "systemd-analyze and unshare are needed")
+    require(shutil.which("man") is not None, "man is needed for the Documentation= check")
+    overlays = Path(tempfile.mkdtemp(prefix="invoicer-verify-"))
+    (overlays / "bin").mkdir()
+    (overlays / "man8").mkdir()
+    (overlays / "doc").mkdir()
+    shutil.copy(Path(sys.executable).parent / "invoicer", overlays / "bin" / "invoicer")
+    shutil.copy(REPO / "packaging" / "invoicer.8", overlays / "man8" / "invoicer.8")
+    script = (f"mount -t overlay overlay -o lowerdir=/usr/bin:{overlays}/bin /usr/bin && "
+              f"mount -t overlay overlay -o lowerdir=/usr/share/man/man8:{overlays}/man8 "
+              f"/usr/share/man/man8 && systemd-analyze verify {REPO / UNIT}")
+    try:
+        result = subprocess.run(["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c",
+                                 script], capture_output=True, text=True, timeout=60, check=False)
+    finally:
+        shutil.rmtree(overlays)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout + result.stderr == ""
+
+
+def test_security_exposure_at_most_1() -> None:
+    """systemd-analyze security --offline=true scores the unit at 1.0 or better."""
+    require(shutil.which("systemd-analyze") is not None, "systemd-analyze is needed")
+    result = subprocess.run(["systemd-analyze", "security", "--offline=true", str(REPO / UNIT)],
+                            capture_output=True, text=True, timeout=60, check=False)
+    match = re.search(r"Overall exposure level for invoicer\.service: ([\d.]+)", result.stdout)
+    assert match, result.stdout[-500:] + result.stderr
+    assert float(match.group(1)) <= 1.0
+
+
+def test_start_reports_ready_status_and_logs_to_the_journal(manager: UserManager) -> None:
+    """Start returns after READY=1; status shows workers and a rate; the journal has JSON with priorities."""
+    write_environment(manager, INVOICER_WORKERS="4", **BASE_ENV)
+    manager.systemctl("start", UNIT)
+    first = status(manager)
+    assert first["ActiveState"] == "active"
+    assert first["StatusText"].startswith(("running: 4 workers, ", "recovering: 4 workers, "))
+    wait_until(lambda: rate_of(status(manager)["StatusText"]) > 0, what="a non-zero rate in STATUS")
+    pid = first["MainPID"]
+    entries = [json.loads(line) for line in manager.journal("-t", "invoicer", "-o", "json").splitlines()]
+    mine = [e for e in entries if e.get("_PID") == pid]
+    assert mine
+    for entry in mine:
+        record = json.loads(entry["MESSAGE"])
+        expected = {"DEBUG": "7", "INFO": "6", "WARNING": "4", "ERROR": "3", "CRITICAL": "2"}[record["level"]]
+        assert entry["PRIORITY"] == expected
+    assert any(json.loads(e["MESSAGE"])["message"] == "ready" for e in mine)
+
+
+def test_restart_applies_a_new_worker_count(manager: UserManager) -> None:
+    """Edit INVOICER_WORKERS in the environment file, restart: status shows the new count, new PID."""
+    manager.systemctl("start", UNIT)
+    before = status(manager)["MainPID"]
+    write_environment(manager, INVOICER_WORKERS="6", **BASE_ENV)
+    manager.systemctl("restart", UNIT)
+    after = status(manager)
+    assert after["MainPID"] != before
+    assert ": 6 workers, " in after["StatusText"]
+
+
+def test_reload_applies_workers_in_place(manager: UserManager) -> None:
+    """Edit INVOICER_WORKERS, reload: reload returns with the new count in effect, same MainPID."""
+    manager.systemctl("start", UNIT)
+    before = status(manager)["MainPID"]
+    write_environment(manager, INVOICER_WORKERS="3", INVOICER_LOG_LEVEL="WARNING", **BASE_ENV)
+    manager.systemctl("reload", UNIT)
+    after = status(manager)
+    assert after["MainPID"] == before
+    assert after["ActiveState"] == "active"
+    assert ": 3 workers, " in after["StatusText"]
+
+
+def test_reload_with_a_bad_value_keeps_running(manager: UserManager) -> None:
+    """A bad value makes reload fail with the reason; the daemon keeps its configuration and PID."""
+    manager.systemctl("start", UNIT)
+    before = status(manager)
+    write_environment(manager, INVOICER_WORKERS="lots", **BASE_ENV)
+    result = manager.systemctl("reload", UNIT, check=False)
+    assert result.returncode != 0
+    after = status(manager)
+    assert after["MainPID"] == before["MainPID"]
+    assert after["ActiveState"] == "active"
+    workers = re.search(r": (\d+) workers", before["StatusText"])
+    assert workers
+    assert f": {workers.group(1)} workers, " in after["StatusText"]
+
+    def warnings() -> str:
+        return manager.journal("-t", "invoicer", "-p", "warning", "-o", "cat", f"_PID={after['MainPID']}")
+
+    # journald reads the stream asynchronously; the line is there, but perhaps not yet indexed.
+    wait_until(lambda: "INVOICER_WORKERS='lots'" in warnings(), what="the refused reload in the journal")
+    assert all(json.loads(line)["level"] in ("WARNING", "ERROR", "CRITICAL")
+               for line in warnings().splitlines())
+
+
+def test_stop_succeeds_and_leaves_the_table_gap_free(manager: UserManager) -> None:
+    """Stop drains: Result=success, and count = max(id) = the high-water mark."""
+    write_environment(manager, INVOICER_WORKERS="8", **BASE_ENV)
+    manager.systemctl("restart", UNIT)
+    wait_until(lambda: rate_of(status(manager)["StatusText"]) > 0, what="a non-zero rate")
+    manager.systemctl("stop", UNIT)
+    final = status(manager)
+    assert final["Result"] == "success"
+    assert final["ActiveState"] == "inactive"
+    assert_gap_free(database(manager))
+
+
+def test_slow_but_progressing_pipeline_keeps_its_watchdog(manager: UserManager) -> None:
+    """Invoices of 0.6 s each, WatchdogSec=2s: pings continue, no restart for three watchdog periods."""
+    short = manager.units / f"{UNIT}.d" / "watchdog.conf"
+    short.write_text("[Service]\nWatchdogSec=2s\nRestartSec=1s\n")
+    try:
+        manager.systemctl("daemon-reload")
+        # A queue sized for slow invoices (README: the drain takes about queue / workers invoices).
+        write_environment(manager, INVOICER_WORKERS="4", INVOICER_STATUS_INTERVAL="0.2",
+                          INVOICER_PROCESSING_DELAY_MS="600", INVOICER_QUEUE_SIZE="8")
+        manager.systemctl("restart", UNIT)
+        pid = status(manager)["MainPID"]
+        started = time.monotonic()
+        while time.monotonic() - started < 6.0:  # three watchdog periods, by the clock on purpose
+            time.sleep(0.5)
+            assert status(manager)["MainPID"] == pid
+        assert status(manager)["NRestarts"] == "0"
+        manager.systemctl("stop", UNIT)
+        assert status(manager)["Result"] == "success"
+    finally:
+        short.unlink()
+        manager.systemctl("daemon-reload")
+
+
+def test_hung_workers_are_killed_by_the_watchdog_and_restarted(manager: UserManager) -> None:
+    """All workers stuck in the processor: pings stop, systemd kills and restarts it; nothing is lost."""
+    short = manager.units / f"{UNIT}.d" / "watchdog.conf"
+    short.write_text("[Service]\nWatchdogSec=2s\nRestartSec=1s\n")
+    try:
+        manager.systemctl("daemon-reload")
+        write_environment(manager, INVOICER_WORKERS="4", INVOICER_STATUS_INTERVAL="0.2",
+                          INVOICER_PROCESSOR="tests.plugins.processors:hang_after", HANG_AFTER="300",
+                          INVOICER_PROCESSING_DELAY_MS="0")
+        manager.systemctl("restart", UNIT)
+        wait_until(lambda: int(status(manager)["NRestarts"]) >= 1, timeout=60, what="a watchdog restart")
+        manager_log = manager.journal("-o", "cat", "_COMM=systemd")
+        assert "invoicer.service: Watchdog timeout (limit 2s)!" in manager_log
+        assert "invoicer.service: Failed with result 'watchdog'." in manager_log
+        write_environment(manager, INVOICER_WORKERS="8", **BASE_ENV)  # the processor is mended
+        manager.systemctl("restart", UNIT)
+        high_water = table_facts(database(manager)).high_water
+        wait_until(lambda: table_facts(database(manager)).stored_through >= high_water, timeout=60,
+                   what="recovery of the abandoned numbers")
+        manager.systemctl("stop", UNIT)
+        assert status(manager)["Result"] == "success"
+        facts = assert_gap_free(database(manager))
+        assert facts.failed == 0
+    finally:
+        short.unlink()
+        manager.systemctl("daemon-reload")
