@@ -254,3 +254,29 @@ def test_hung_workers_are_killed_by_the_watchdog_and_restarted(manager: UserMana
     finally:
         short.unlink()
         manager.systemctl("daemon-reload")
+
+
+def test_long_drain_extends_the_stop_timeout(manager: UserManager) -> None:
+    """A drain longer than TimeoutStopSec=2s still ends in success: STATUS says draining, EXTEND_TIMEOUT_USEC."""
+    short = manager.units / f"{UNIT}.d" / "timeout.conf"
+    short.write_text("[Service]\nTimeoutStopSec=2s\n")
+    try:
+        manager.systemctl("daemon-reload")
+        # 64 queued + 4 in flight at 0.3 s each over 4 workers: a drain of about 5 s.
+        write_environment(manager, INVOICER_WORKERS="4", INVOICER_STATUS_INTERVAL="0.2",
+                          INVOICER_PROCESSING_DELAY_MS="300", INVOICER_QUEUE_SIZE="64")
+        manager.systemctl("restart", UNIT)
+        pid = status(manager)["MainPID"]
+        wait_until(lambda: "queue 64" in status(manager)["StatusText"], what="a full queue")
+        manager.systemctl("stop", "--no-block", UNIT)
+        wait_until(lambda: status(manager)["StatusText"].startswith("draining: "), what="STATUS=draining")
+        wait_until(lambda: status(manager)["ActiveState"] == "inactive", timeout=60, what="the stop")
+        assert status(manager)["Result"] == "success"
+        summary = [json.loads(line) for line in manager.journal("-t", "invoicer", "-o", "cat",
+                                                                f"_PID={pid}").splitlines()]
+        drained = next(r for r in summary if r["message"] == "drained and stopped")
+        assert drained["seconds"] > 2.0  # longer than TimeoutStopSec: the extensions carried it
+        assert_gap_free(database(manager))
+    finally:
+        short.unlink()
+        manager.systemctl("daemon-reload")
