@@ -34,6 +34,8 @@ ProtectKernelTunables=no
 SystemCallFilter=@chown
 # The tests' processor plugins (tests.plugins) live in the repository.
 Environment=PYTHONPATH={repo}
+# The checkout (and its .venv) may lie under /tmp, which PrivateTmp= would hide.
+BindReadOnlyPaths={repo}
 """
 
 
