@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from invoicer import __version__, control, processing
 from invoicer.config import LOG_LEVELS, ConfigError, database_path, load_config, load_processor
@@ -32,7 +33,35 @@ def _parser() -> argparse.ArgumentParser:
                     "The unit's ExecReload.")
     reload.add_argument("pid", type=int, help="the daemon's process id ($MAINPID under systemd)")
     reload.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
+    bench = commands.add_parser(
+        "bench", help="measure throughput over a grid of worker counts and delays",
+        description="Run the real daemon (invoicer run) on temporary databases over a grid of "
+                    "INVOICER_WORKERS and INVOICER_PROCESSING_DELAY_MS; print invoices/s, ideal, "
+                    "efficiency, queue fill and CPU per point, and where throughput stops rising.")
+    bench.add_argument("--workers", type=_int_list, default=[1, 4, 16, 64, 128],
+                       help="comma-separated worker counts (default 1,4,16,64,128)")
+    bench.add_argument("--delays", type=_float_list, default=[0.0, 5.0],
+                       help="comma-separated processing delays in ms (default 0,5)")
+    bench.add_argument("--seconds", type=float, default=2.0, help="measuring window per point (default 2)")
+    bench.add_argument("--warmup", type=float, default=0.5, help="warm-up per point (default 0.5)")
+    bench.add_argument("--queue-size", type=int, default=1024, help="INVOICER_QUEUE_SIZE (default 1024)")
+    bench.add_argument("--json", type=Path, help="also write the results as JSON to this file")
+    bench.add_argument("--chart", type=Path, help="also draw a PNG chart (needs invoicer[bench])")
     return parser
+
+
+def _int_list(text: str) -> list[int]:
+    values = [int(part) for part in text.split(",") if part.strip()]
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("expected positive integers, e.g. 1,4,16")
+    return values
+
+
+def _float_list(text: str) -> list[float]:
+    values = [float(part) for part in text.split(",") if part.strip()]
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError("expected numbers >= 0, e.g. 0,5")
+    return values
 
 
 def reload(pid: int, timeout: float) -> int:
@@ -71,5 +100,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run()
     if args.command == "reload":
         return reload(args.pid, args.timeout)
+    if args.command == "bench":
+        from invoicer.bench import run_bench  # noqa: PLC0415  # only the bench needs it
+
+        return run_bench(args.workers, args.delays, seconds=args.seconds, warmup=args.warmup,
+                         queue_size=args.queue_size, json_path=args.json, chart_path=args.chart)
     parser.print_help(sys.stderr)
     return 2
