@@ -8,6 +8,7 @@ per-invoice cost of queueing stays far below the cost of processing one invoice.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import heapq
 import logging
 import queue
@@ -110,6 +111,18 @@ def invoice_row(invoice_id: int, invoice: Any, attempts: int) -> Row:
     """Check what a processor returned and turn it into a table row; ValueError if it is not usable."""
     if not isinstance(invoice, Invoice):
         raise ValueError(f"processor returned {type(invoice).__name__}, expected Invoice")
+    customer, currency, document = invoice.customer, invoice.currency, invoice.document
+    subtotal, tax, total = invoice.subtotal, invoice.tax, invoice.total
+    # One combined test on the hot path; the loop below only runs to name what is wrong.
+    if not (invoice.id == invoice_id and type(customer) is str and type(currency) is str
+            and type(document) is str and type(subtotal) is Decimal and type(tax) is Decimal
+            and type(total) is Decimal):
+        _explain_bad_invoice(invoice_id, invoice)
+    return (invoice_id, "ok", customer, currency, str(subtotal), str(tax), str(total), document, None,
+            attempts)
+
+
+def _explain_bad_invoice(invoice_id: int, invoice: Invoice) -> None:
     if invoice.id != invoice_id:
         raise ValueError(f"processor returned invoice {invoice.id!r} for number {invoice_id}")
     for name in ("customer", "currency", "document"):
@@ -118,8 +131,6 @@ def invoice_row(invoice_id: int, invoice: Any, attempts: int) -> Row:
     for name in ("subtotal", "tax", "total"):
         if not isinstance(getattr(invoice, name), Decimal):
             raise ValueError(f"processor returned an Invoice whose {name} is not a Decimal")
-    return (invoice_id, "ok", invoice.customer, invoice.currency, str(invoice.subtotal),
-            str(invoice.tax), str(invoice.total), invoice.document, None, attempts)
 
 
 def failed_row(invoice_id: int, exc: BaseException, attempts: int) -> Row:
@@ -251,6 +262,8 @@ class StorageWriter:
     def stop(self) -> None:
         """Ask the writer to commit what is queued and end; call it once the consumers have ended."""
         self._stop.set()
+        with contextlib.suppress(queue.Full):  # an empty batch wakes it now rather than at its next poll
+            self._results.put_nowait([])
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the thread; True once it has ended."""
@@ -271,7 +284,10 @@ class StorageWriter:
                         batch.extend(self._results.get_nowait())
                     except queue.Empty:
                         break
-                self._commit(batch)
+                if batch:
+                    self._commit(batch)
+                elif self._stop.is_set() and self._results.empty():
+                    return
         except BaseException as exc:  # storage failure: end loudly; uncommitted rows are recovered
             self._on_fatal("writer", exc)
 

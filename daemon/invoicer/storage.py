@@ -18,6 +18,8 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import functools
+import itertools
 import os
 import sqlite3
 import threading
@@ -50,8 +52,14 @@ SCHEMA = (
 )
 INSERT_INVOICES = (
     "INSERT INTO invoices (id, status, customer, currency, subtotal, tax, total, document, error, attempts)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " VALUES "
 )
+ROW_PLACEHOLDERS = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+# Rows per INSERT statement. sqlite3 releases the GIL around every sqlite3_step(); executemany() steps
+# once per row, and each time the writer must win the GIL back from busy consumer threads (measured: 466
+# rows/s against one busy thread, versus 13,546 with multi-row statements). 96 rows x 10 columns stays
+# under SQLITE_MAX_VARIABLE_NUMBER of SQLite before 3.32 (999).
+ROWS_PER_STATEMENT = 96
 SELECT_MARKS = "SELECT high_water, stored_through FROM sequence WHERE id = 1"
 SELECT_MAX_ID = "SELECT max(id) FROM invoices"
 SELECT_IDS_BETWEEN = "SELECT id FROM invoices WHERE id > ? AND id <= ? ORDER BY id"
@@ -66,6 +74,11 @@ Row = tuple[int, str, str | None, str | None, str | None, str | None, str | None
 
 EX_IOERR = 74      # sysexits.h: an input/output error (unreadable, unwritable, corrupt, full)
 EX_TEMPFAIL = 75   # sysexits.h: try again later (another instance, or another program's lock)
+
+
+@functools.lru_cache(maxsize=ROWS_PER_STATEMENT)
+def _insert_statement(rows: int) -> str:
+    return INSERT_INVOICES + ", ".join([ROW_PLACEHOLDERS] * rows)
 
 
 class StorageError(Exception):
@@ -241,6 +254,8 @@ class Storage:
     def save_batch(self, rows: Sequence[Row], stored_through: int) -> None:
         """Insert ``rows`` and advance ``stored_through`` in one transaction (one group commit)."""
         def save(cursor: sqlite3.Cursor) -> None:
-            cursor.executemany(INSERT_INVOICES, rows)
+            for start in range(0, len(rows), ROWS_PER_STATEMENT):
+                part = rows[start:start + ROWS_PER_STATEMENT]
+                cursor.execute(_insert_statement(len(part)), tuple(itertools.chain.from_iterable(part)))
             cursor.execute(ADVANCE_STORED_THROUGH, (stored_through, stored_through))
         self._write(save)

@@ -1,0 +1,142 @@
+"""Benchmarks (not part of the normal run): ``python -m pytest -m bench -s tests/benchmarks``.
+
+Each prints its figures; the assertions hold only what must not regress (nothing lost, memory bounded).
+Timing goals are reported, not asserted (the README's table records a run on the development machine).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from invoicer.bench import Point, measure, processor_alone
+from invoicer.pipeline import invoice_row
+from invoicer.processing import build_invoice
+from invoicer.storage import Storage
+from tests.conftest import NotifyListener, assert_gap_free, daemon_env, stored_in_status
+
+pytestmark = pytest.mark.bench
+
+
+@pytest.fixture(scope="module")
+def workdir() -> Iterator[Path]:
+    """A short-pathed scratch directory for databases and the notify socket."""
+    with tempfile.TemporaryDirectory(prefix="inv-bench-", dir="/tmp") as directory:
+        yield Path(directory)
+
+
+@pytest.fixture(scope="module")
+def alone() -> float:
+    """The built-in processor alone, one thread, no delay (best of three)."""
+    return max(processor_alone(1.0) for _ in range(3))
+
+
+def point(workers: int, delay_ms: float, alone: float, workdir: Path, seconds: float = 4.0) -> Point:
+    """Measure one grid point with the bench's own code."""
+    return measure(workers, delay_ms, seconds=seconds, warmup=1.0, queue_size=1024, alone=alone,
+                   directory=workdir)
+
+
+def test_cpu_bound_against_the_processor_alone(alone: float, workdir: Path) -> None:
+    """Delay 0: committed invoices/s with 1 and 16 workers, against the processor alone (target 0.75)."""
+    one = point(1, 0, alone, workdir)
+    sixteen = point(16, 0, alone, workdir)
+    print(f"\nprocessor alone {alone:,.0f}/s; 1 worker {one.rate:,.0f}/s = {one.rate / alone:.2f} x alone; "
+          f"16 workers {sixteen.rate:,.0f}/s = {sixteen.rate / one.rate:.2f} x 1 worker")
+    assert one.rate > 0
+    assert sixteen.rate > 0
+
+
+@pytest.mark.parametrize("workers", [1, 4, 16, 64, 128])
+def test_io_bound_efficiency(workers: int, alone: float, workdir: Path) -> None:
+    """Delay 5 ms: efficiency against workers / 0.005 s (target 0.9 up to 64, 20k/s at 128)."""
+    measured = point(workers, 5, alone, workdir)
+    print(f"\n{workers} workers at 5 ms: {measured.rate:,.0f}/s of ideal {measured.ideal:,.0f}/s = "
+          f"{measured.efficiency:.2f}; queue fill {measured.queue_fill:.0%}; CPU {measured.cpu:.0%}")
+    assert measured.rate > 0
+
+
+def test_synchronous_full_against_normal(workdir: Path) -> None:
+    """Group commits of 2,048 rows: synchronous=FULL against NORMAL, rows/s (best of three each)."""
+    rows = [invoice_row(n, build_invoice(n), 1) for n in range(1, 100_001)]
+    rates = {}
+    for mode in ("NORMAL", "FULL"):
+        best = 0.0
+        for attempt in range(3):
+            storage = Storage(workdir / f"sync-{mode}-{attempt}.db", synchronous=mode)
+            storage.open()
+            storage.reserve(len(rows))
+            started = time.perf_counter()
+            for start in range(0, len(rows), 2048):
+                storage.save_batch(rows[start:start + 2048], start + len(rows[start:start + 2048]))
+            best = max(best, len(rows) / (time.perf_counter() - started))
+            storage.close()
+        rates[mode] = best
+    print(f"\nsynchronous=NORMAL {rates['NORMAL']:,.0f} rows/s, FULL {rates['FULL']:,.0f} rows/s: FULL costs "
+          f"{1 - rates['FULL'] / rates['NORMAL']:.1%}")
+    assert rates["FULL"] > 0
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of ``pid`` in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def start(database: Path, listener: NotifyListener, **env: str) -> subprocess.Popen[bytes]:
+    """Start ``invoicer run`` reporting to ``listener``."""
+    environment = daemon_env(database, NOTIFY_SOCKET=str(listener.path), INVOICER_LOG_LEVEL="WARNING", **env)
+    return subprocess.Popen([sys.executable, "-m", "invoicer", "run"], env=environment,
+                            stdout=subprocess.DEVNULL)
+
+
+def test_memory_flat_over_ten_million_then_start_and_stop(workdir: Path) -> None:
+    """10 M invoices at delay 0: RSS over the run; then start-up to READY=1 on that table; then stop."""
+    target = int(os.environ.get("INVOICER_BENCH_INVOICES", "10000000"))
+    database = workdir / "ten-million.db"
+    listener = NotifyListener(workdir / "mem.sock")
+    try:
+        daemon = start(database, listener, INVOICER_PROCESSING_DELAY_MS="0", INVOICER_WORKERS="4")
+        listener.wait_for(lambda m: "READY=1" in m.split("\n"))
+        started = time.monotonic()
+        samples: list[tuple[int, int]] = []
+        stored = 0
+        while stored < target:
+            message = listener.receive(30)
+            assert message is not None
+            stored = max(stored, stored_in_status(message))
+            samples.append((stored, rss_kib(daemon.pid)))
+        elapsed = time.monotonic() - started
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(120) == 0
+        early = max(rss for count, rss in samples if count <= target // 10)
+        peak = max(rss for _, rss in samples)
+        print(f"\n{stored:,} invoices in {elapsed:.0f}s; RSS at 10 %: {early / 1024:.1f} MiB, "
+              f"peak: {peak / 1024:.1f} MiB")
+        assert peak < 2 * early  # flat: bounded queues, bounded batches
+        facts = assert_gap_free(database)
+
+        launched = time.monotonic()
+        daemon = start(database, listener)  # defaults: 64 workers, 5 ms
+        listener.wait_for(lambda m: "READY=1" in m.split("\n"))
+        ready = time.monotonic() - launched
+        listener.wait_for(lambda m: stored_in_status(m) > facts.count + 20_000)  # under full load
+        stopping = time.monotonic()
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(60) == 0
+        stop = time.monotonic() - stopping
+        print(f"start-up to READY=1 on {facts.count:,} rows: {ready:.3f}s (process start included); "
+              f"stop at defaults under full load: {stop:.3f}s")
+        assert_gap_free(database)
+    finally:
+        listener.close()
