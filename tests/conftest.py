@@ -14,7 +14,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -164,14 +164,15 @@ def start_daemon(notify_socket: NotifyListener, short_tmp: Path) -> Iterator[Cal
     """Start ``invoicer run`` subprocesses with NOTIFY_SOCKET pointing at the listener; kill leftovers."""
     started: list[subprocess.Popen[str]] = []
 
-    def start(database: Path, *, notify: bool = True, python: str = sys.executable, **env: str) -> Daemon:
+    def start(database: Path, *, notify: bool = True, python: str = sys.executable,
+              prefix: Sequence[str] = (), **env: str) -> Daemon:
         environment = daemon_env(database, **env)
         if notify:
             environment["NOTIFY_SOCKET"] = str(notify_socket.path)
         # A file, not a pipe: nobody reads a pipe while the test waits, and a full pipe blocks logging.
         log_path = short_tmp / f"daemon-{len(started)}.log"
         with log_path.open("w") as log_file:
-            process = subprocess.Popen([python, "-m", "invoicer", "run"], env=environment,
+            process = subprocess.Popen([*prefix, python, "-m", "invoicer", "run"], env=environment,
                                        stdout=log_file, stderr=subprocess.STDOUT, text=True)
         started.append(process)
         return Daemon(process, notify_socket if notify else None, log_path)
@@ -206,6 +207,20 @@ def table_facts(database: Path) -> TableFacts:
             "SELECT high_water, stored_through FROM sequence").fetchone()
     connection.close()
     return TableFacts(count, distinct, low, high, failed, high_water, stored_through)
+
+
+def assert_consistent(database: Path) -> TableFacts:
+    """After any crash: the file is sound, no number twice, nothing above the mark, the prefix complete."""
+    with sqlite3.connect(database) as connection:
+        assert connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        through = connection.execute("SELECT stored_through FROM sequence").fetchone()[0]
+        below = connection.execute("SELECT count(*) FROM invoices WHERE id <= ?", (through,)).fetchone()[0]
+    connection.close()
+    facts = table_facts(database)
+    assert facts.count == facts.distinct
+    assert facts.max_id is None or facts.max_id <= facts.high_water
+    assert below == through  # every number up to stored_through really is stored
+    return facts
 
 
 def assert_gap_free(database: Path, *, clean: bool = True) -> TableFacts:

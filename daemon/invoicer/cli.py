@@ -12,6 +12,7 @@ from invoicer import __version__, control, processing
 from invoicer.config import LOG_LEVELS, ConfigError, database_path, load_config, load_processor
 from invoicer.daemon import Daemon
 from invoicer.logs import configure_logging
+from invoicer.storage import StorageError
 
 EX_CONFIG = 78  # sysexits.h; the unit's RestartPreventExitStatus=78 keeps systemd from retrying
 
@@ -33,6 +34,15 @@ def _parser() -> argparse.ArgumentParser:
                     "The unit's ExecReload.")
     reload.add_argument("pid", type=int, help="the daemon's process id ($MAINPID under systemd)")
     reload.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
+    failed = commands.add_parser(
+        "failed", help="list invoices stored as failed (number, attempts, last error)",
+        description="List the invoices stored as failed; safe while the daemon runs.")
+    failed.add_argument("--json", action="store_true", help="one JSON object per line")
+    retry = commands.add_parser(
+        "retry", help="process failed invoices again (the daemon must be stopped)",
+        description="Process failed invoices again with the configured processor; exit 0 if every one "
+                    "is now stored ok, 1 if some still fail.")
+    retry.add_argument("ids", type=int, nargs="*", metavar="ID", help="only these (default: all failed)")
     bench = commands.add_parser(
         "bench", help="measure throughput over a grid of worker counts and delays",
         description="Run the real daemon (invoicer run) on temporary databases over a grid of "
@@ -92,6 +102,24 @@ def run() -> int:
     return Daemon(config, processor).run()
 
 
+def maintain(args: argparse.Namespace) -> int:
+    """Run ``failed`` or ``retry`` with the daemon's configuration; errors are one line on stderr."""
+    from invoicer import maintenance  # noqa: PLC0415  # only these commands need it
+
+    try:
+        config = load_config()
+        configure_logging(config.log_level, stream=sys.stderr)  # stdout carries the command's output
+        if args.command == "failed":
+            return maintenance.list_failed(config, as_json=args.json)
+        return maintenance.retry_failed(config, args.ids)
+    except ConfigError as exc:
+        print(f"invoicer {args.command}: configuration error: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except StorageError as exc:
+        print(f"invoicer {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``invoicer`` console script."""
     parser = _parser()
@@ -100,6 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run()
     if args.command == "reload":
         return reload(args.pid, args.timeout)
+    if args.command in ("failed", "retry"):
+        return maintain(args)
     if args.command == "bench":
         from invoicer.bench import run_bench  # noqa: PLC0415  # only the bench needs it
 

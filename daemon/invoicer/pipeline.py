@@ -74,7 +74,11 @@ class Producer:
         self._thread.start()
 
     def stop(self) -> None:
-        """Ask the producer to stop; a chunk it could not queue is given back, never dropped."""
+        """Stop taking new numbers; a chunk it could not queue is given back, never dropped.
+
+        The recovered backlog (at most one reserved block plus what was in flight) is still queued, so a
+        clean stop owes nothing.
+        """
         self._stop.set()
 
     def join(self, timeout: float | None = None) -> bool:
@@ -85,10 +89,9 @@ class Producer:
     def _run(self) -> None:
         try:
             position = 0
-            while position < len(self._recovered) and not self._stop.is_set():
+            while position < len(self._recovered):
                 chunk = self._recovered[position:position + self._chunk()]
-                if not self._put(chunk):
-                    return  # not queued: still missing from the table, so recovered at the next start
+                self._put(chunk, until_stopped=False)
                 position += len(chunk)
                 self.recovered_left = len(self._recovered) - position
             while not self._stop.is_set():
@@ -99,9 +102,9 @@ class Producer:
         except BaseException as exc:  # a broken producer must end the process loudly
             self._on_fatal("producer", exc)
 
-    def _put(self, chunk: Chunk) -> bool:
+    def _put(self, chunk: Chunk, *, until_stopped: bool = True) -> bool:
         while not self._work.put(chunk, timeout=POLL_S):
-            if self._stop.is_set():
+            if until_stopped and self._stop.is_set():
                 return False
         self.queued_total += len(chunk)
         return True
@@ -137,6 +140,24 @@ def failed_row(invoice_id: int, exc: BaseException, attempts: int) -> Row:
     """Build the row that records an invoice which kept failing, so the numbering stays gap-free."""
     return (invoice_id, "failed", None, None, None, None, None, None,
             f"{type(exc).__name__}: {exc}"[:2000], attempts)
+
+
+def process_with_retries(processor: Callable[[int], Any], invoice_id: int, worker: int | str) -> Row:
+    """Call the processor, retrying with backoff; an invoice that keeps failing becomes a failed row."""
+    attempt = 1
+    while True:
+        try:
+            return invoice_row(invoice_id, processor(invoice_id), attempt)
+        except Exception as exc:  # one bad invoice never kills the pool
+            context = {"invoice": invoice_id, "worker": worker, "attempt": attempt}
+            if attempt >= MAX_ATTEMPTS:
+                log.error("invoice %d failed %d times; stored as failed", invoice_id, attempt,
+                          exc_info=True, extra=context)
+                return failed_row(invoice_id, exc, attempt)
+            log.warning("invoice %d failed (attempt %d of %d); retrying", invoice_id, attempt,
+                        MAX_ATTEMPTS, exc_info=True, extra=context)
+            time.sleep(RETRY_BACKOFF_S * 2 ** (attempt - 1))
+            attempt += 1
 
 
 class ConsumerPool:
@@ -218,20 +239,7 @@ class ConsumerPool:
             self._on_fatal(f"consumer {worker}", exc)
 
     def _process(self, invoice_id: int, worker: int) -> Row:
-        attempt = 1
-        while True:
-            try:
-                return invoice_row(invoice_id, self._processor(invoice_id), attempt)
-            except Exception as exc:  # one bad invoice never kills the pool
-                context = {"invoice": invoice_id, "worker": worker, "attempt": attempt}
-                if attempt >= MAX_ATTEMPTS:
-                    log.error("invoice %d failed %d times; stored as failed", invoice_id, attempt,
-                              exc_info=True, extra=context)
-                    return failed_row(invoice_id, exc, attempt)
-                log.warning("invoice %d failed (attempt %d of %d); retrying", invoice_id, attempt,
-                            MAX_ATTEMPTS, exc_info=True, extra=context)
-                time.sleep(RETRY_BACKOFF_S * 2 ** (attempt - 1))
-                attempt += 1
+        return process_with_retries(self._processor, invoice_id, worker)
 
 
 class StorageWriter:

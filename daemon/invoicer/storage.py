@@ -22,6 +22,7 @@ import functools
 import itertools
 import os
 import sqlite3
+import struct
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -66,11 +67,19 @@ SELECT_IDS_BETWEEN = "SELECT id FROM invoices WHERE id > ? AND id <= ? ORDER BY 
 RAISE_HIGH_WATER = "UPDATE sequence SET high_water = high_water + ? WHERE id = 1 RETURNING high_water"
 LOWER_HIGH_WATER = "UPDATE sequence SET high_water = ? WHERE id = 1 AND high_water > ?"
 ADVANCE_STORED_THROUGH = "UPDATE sequence SET stored_through = ? WHERE id = 1 AND stored_through < ?"
+REPLACE_FAILED = (
+    "UPDATE invoices SET status = ?, customer = ?, currency = ?, subtotal = ?, tax = ?, total = ?,"
+    " document = ?, error = ?, attempts = attempts + ? WHERE id = ? AND status = 'failed'"
+)
 SET_HIGH_WATER_AT_LEAST = "UPDATE sequence SET high_water = ? WHERE id = 1 AND high_water < ?"
 
 # An invoice row as INSERT_INVOICES takes it.
 Row = tuple[int, str, str | None, str | None, str | None, str | None, str | None, str | None,
             str | None, int]
+
+WAL_MAGICS = (0x377F0682, 0x377F0683)  # sqlite.org/fileformat2.html#walformat; bit 0: big-endian sums
+WAL_VERSION = 3007000
+WAL_HEADER = 32
 
 EX_IOERR = 74      # sysexits.h: an input/output error (unreadable, unwritable, corrupt, full)
 EX_TEMPFAIL = 75   # sysexits.h: try again later (another instance, or another program's lock)
@@ -127,6 +136,27 @@ def describe_error(path: Path, exc: BaseException) -> StorageError:  # noqa: PLR
     return StorageError(f"database {path}: {type(exc).__name__}: {text}")
 
 
+def wal_header_problem(header: bytes) -> str | None:
+    """Describe what is wrong with a WAL header (None if it is sound or the log is empty)."""
+    if not header:
+        return None
+    if len(header) < WAL_HEADER:
+        return f"truncated ({len(header)} bytes, shorter than its {WAL_HEADER}-byte header)"
+    magic, version, page_size, _, _, _, sum1, sum2 = struct.unpack(">8I", header)
+    if magic not in WAL_MAGICS or version != WAL_VERSION:
+        return "damaged (not a SQLite write-ahead log header)"
+    if not (page_size == 1 or (512 <= page_size <= 32768 and page_size & (page_size - 1) == 0)):
+        return f"damaged (impossible page size {page_size})"
+    words = struct.unpack(">6I" if magic & 1 else "<6I", header[:24])
+    first = second = 0
+    for index in range(0, 6, 2):  # SQLite's walChecksumBytes()
+        first = (first + words[index] + second) & 0xFFFFFFFF
+        second = (second + words[index + 1] + first) & 0xFFFFFFFF
+    if (first, second) != (sum1, sum2):
+        return "damaged (header checksum mismatch)"
+    return None
+
+
 class Storage:
     """The SQLite database of invoices and the durable numbering marks.
 
@@ -149,6 +179,7 @@ class Storage:
         """Take the one-instance lock, open the database, apply pragmas and schema, prove it writable."""
         self._take_instance_lock()
         try:
+            self._check_wal()
             self._connection = sqlite3.connect(
                 self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
             connection = self._connection
@@ -166,6 +197,37 @@ class Storage:
         except (sqlite3.Error, OSError) as exc:
             self.close()
             raise describe_error(self.path, exc) from exc
+
+    def open_shared(self) -> None:
+        """Open for reading only, beside a running daemon: no instance lock, no schema changes."""
+        if not self.path.exists():
+            raise StorageError(f"database {self.path} does not exist")
+        try:
+            self._connection = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S,
+                                               isolation_level=None, check_same_thread=False)
+            self._connection.execute("SELECT count(*) FROM sequence").fetchone()
+        except sqlite3.Error as exc:
+            self.close()
+            raise describe_error(self.path, exc) from exc
+
+    def _check_wal(self) -> None:
+        """Refuse a write-ahead log whose header is damaged or cut short.
+
+        SQLite ignores such a log without a word, and with it every transaction it holds: invoices and
+        marks would vanish and their numbers be handed out again. Better to stop and let an operator look.
+        """
+        wal = Path(f"{self.path}-wal")
+        try:
+            with wal.open("rb") as log:
+                header = log.read(WAL_HEADER)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise describe_error(wal, exc) from exc
+        problem = wal_header_problem(header)
+        if problem:
+            raise StorageError(f"database {self.path}: its write-ahead log {wal} is {problem}; refusing "
+                               "to open it, as SQLite would silently drop the transactions in it")
 
     def _take_instance_lock(self) -> None:
         # flock(2) on the database file itself: independent of SQLite's POSIX record locks, released by
@@ -250,6 +312,24 @@ class Storage:
     def release(self, last_issued: int) -> None:
         """Lower the high-water mark to ``last_issued``, giving back reserved numbers never handed out."""
         self._write(lambda cursor: cursor.execute(LOWER_HIGH_WATER, (last_issued, last_issued)))
+
+    def failed(self, ids: Sequence[int] = ()) -> list[tuple[int, int, str]]:
+        """(id, attempts, error) of the invoices stored as failed (only ``ids``, if given), by number."""
+        with self._lock:
+            if self._connection is None:
+                raise StorageError(f"database {self.path} is not open")
+            found = self._connection.execute(
+                "SELECT id, attempts, error FROM invoices WHERE status = 'failed' ORDER BY id").fetchall()
+        wanted = set(ids)
+        return [row for row in found if not wanted or row[0] in wanted]
+
+    def replace_failed(self, row: Row) -> bool:
+        """Overwrite a failed invoice with a new outcome (attempts add up); False if it is not failed."""
+        def replace(cursor: sqlite3.Cursor) -> bool:
+            cursor.execute(REPLACE_FAILED, (*row[1:9], row[9], row[0]))
+            return cursor.rowcount == 1
+        result: bool = self._write(replace)
+        return result
 
     def save_batch(self, rows: Sequence[Row], stored_through: int) -> None:
         """Insert ``rows`` and advance ``stored_through`` in one transaction (one group commit)."""

@@ -23,7 +23,7 @@ from invoicer.processing import build_invoice
 from invoicer.storage import Storage
 from tests.conftest import NotifyListener, assert_gap_free, daemon_env, stored_in_status
 
-pytestmark = pytest.mark.bench
+pytestmark = [pytest.mark.bench, pytest.mark.timeout(1800)]
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +105,7 @@ def test_memory_flat_over_ten_million_then_start_and_stop(workdir: Path) -> None
     target = int(os.environ.get("INVOICER_BENCH_INVOICES", "10000000"))
     database = workdir / "ten-million.db"
     listener = NotifyListener(workdir / "mem.sock")
+    daemon: subprocess.Popen[bytes] | None = None
     try:
         daemon = start(database, listener, INVOICER_PROCESSING_DELAY_MS="0", INVOICER_WORKERS="4")
         listener.wait_for(lambda m: "READY=1" in m.split("\n"))
@@ -139,4 +140,7 @@ def test_memory_flat_over_ten_million_then_start_and_stop(workdir: Path) -> None
               f"stop at defaults under full load: {stop:.3f}s")
         assert_gap_free(database)
     finally:
+        if daemon is not None and daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
         listener.close()

@@ -1,0 +1,54 @@
+"""A private mount namespace held open by one process, for faults the host must not see."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+
+def can_unshare() -> bool:
+    """Whether this process may make mount namespaces (root, with unshare and nsenter)."""
+    return os.geteuid() == 0 and shutil.which("unshare") is not None and shutil.which("nsenter") is not None
+
+
+class MountNamespace:
+    """``unshare --mount`` around a shell ``setup`` that prints "ready"; commands run inside via nsenter."""
+
+    def __init__(self, setup: str) -> None:
+        self._setup = setup
+        self._holder: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> MountNamespace:
+        self._holder = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c",
+             f"set -e\n{self._setup}\necho ready\nexec sleep infinity"],
+            stdout=subprocess.PIPE, text=True)
+        assert self._holder.stdout is not None
+        if self._holder.stdout.readline().strip() != "ready":
+            self.__exit__()
+            raise RuntimeError("could not set up the mount namespace")
+        return self
+
+    def enter(self) -> list[str]:
+        """The command prefix that runs a program inside the namespace."""
+        assert self._holder is not None
+        return ["nsenter", f"--mount=/proc/{self._holder.pid}/ns/mnt", "--"]
+
+    def run(self, command: str) -> None:
+        """Run a shell command inside the namespace; it must succeed."""
+        subprocess.run([*self.enter(), "/bin/sh", "-c", command], check=True, timeout=60)
+
+    def path(self, inside: Path) -> Path:
+        """The host's way to a path as the namespace sees it."""
+        assert self._holder is not None
+        return Path(f"/proc/{self._holder.pid}/root") / str(inside).lstrip("/")
+
+    def __exit__(self, *exc: object) -> None:
+        if self._holder is not None:
+            if self._holder.poll() is None:
+                self._holder.kill()
+                self._holder.wait()
+            if self._holder.stdout is not None:
+                self._holder.stdout.close()
