@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
 import tempfile
@@ -32,8 +33,10 @@ class NotifyListener:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # as systemd: who sent it
         self.socket.bind(str(path))
         self.messages: list[str] = []
+        self.senders: list[int] = []
         self._cursor = 0
         self._arrived = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -42,28 +45,36 @@ class NotifyListener:
     def _read(self) -> None:
         while True:
             try:
-                data = self.socket.recv(65536)
+                data, ancillary, _, _ = self.socket.recvmsg(65536, socket.CMSG_SPACE(12))
             except OSError:
                 return
             if not data:
                 return
+            pid = next((struct.unpack("3i", payload[:12])[0] for level, kind, payload in ancillary
+                        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS), 0)
             with self._arrived:
                 self.messages.append(data.decode("latin-1"))
+                self.senders.append(pid)
                 self._arrived.notify_all()
 
-    def receive(self, timeout: float) -> str | None:
-        """Return the next message not yet returned, waiting up to ``timeout`` (None if none came)."""
+    def receive(self, timeout: float, pid: int | None = None) -> str | None:
+        """Return the next unseen message (from ``pid`` only, if given), waiting up to ``timeout``."""
+        deadline = time.monotonic() + timeout
         with self._arrived:
-            if not self._arrived.wait_for(lambda: self._cursor < len(self.messages), timeout):
-                return None
-            self._cursor += 1
-            return self.messages[self._cursor - 1]
+            while True:
+                if not self._arrived.wait_for(lambda: self._cursor < len(self.messages),
+                                              max(0.0, deadline - time.monotonic())):
+                    return None
+                self._cursor += 1
+                if pid is None or self.senders[self._cursor - 1] == pid:
+                    return self.messages[self._cursor - 1]
 
-    def wait_for(self, predicate: Callable[[str], bool], timeout: float = 30.0) -> str:
-        """Receive until a message satisfies ``predicate``; fail the test after ``timeout`` seconds."""
+    def wait_for(self, predicate: Callable[[str], bool], timeout: float = 30.0,
+                 pid: int | None = None) -> str:
+        """Receive until a message (from ``pid``, if given) satisfies ``predicate``; else fail the test."""
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
-            message = self.receive(left)
+            message = self.receive(left, pid)
             if message is not None and predicate(message):
                 return message
         raise AssertionError(f"no notification matched within {timeout}s; got {self.messages[-5:]}")
@@ -142,12 +153,12 @@ class Daemon:
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Block until READY=1 arrived."""
         assert self.notify is not None
-        self.notify.wait_for(lambda m: "READY=1" in m.split("\n"), timeout)
+        self.notify.wait_for(lambda m: "READY=1" in m.split("\n"), timeout, self.process.pid)
 
     def wait_stored(self, at_least: int, timeout: float = 30.0) -> None:
         """Block until a STATUS= line reports at least ``at_least`` invoices stored."""
         assert self.notify is not None
-        self.notify.wait_for(lambda m: stored_in_status(m) >= at_least, timeout)
+        self.notify.wait_for(lambda m: stored_in_status(m) >= at_least, timeout, self.process.pid)
 
 
 def stored_in_status(message: str) -> int:

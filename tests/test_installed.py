@@ -1,0 +1,124 @@
+"""The installed Debian package: /usr/bin/invoicer on Debian's python3, its unit under real systemd, purge.
+
+Runs when INVOICER_TEST_INSTALLED=1 (``.ci/run`` sets it after ``apt-get install ./invoicer_*.deb``);
+the last test purges the package.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import assert_gap_free, daemon_env
+from tests.systemd_harness import UserManager, missing_requirements
+from tests.test_systemd import database, rate_of, status, wait_until, write_environment
+
+pytestmark = pytest.mark.skipif(os.environ.get("INVOICER_TEST_INSTALLED") != "1",
+                                reason="set INVOICER_TEST_INSTALLED=1 after installing the package")
+
+UNIT = "invoicer.service"
+INSTALLED_UNIT = Path("/lib/systemd/system/invoicer.service")
+# Only what a user manager cannot do (DESIGN §6); ExecStart stays /usr/bin/invoicer.
+DROP_IN = """\
+[Service]
+DynamicUser=no
+PrivateUsers=no
+ProtectHome=no
+ProtectKernelTunables=no
+SystemCallFilter=@chown
+"""
+OPERATOR_DATABASE = Path("/var/lib/invoicer/invoices.db")
+
+
+def dpkg_files() -> list[Path]:
+    """What the package installed (files only)."""
+    listing = subprocess.run(["dpkg", "-L", "invoicer"], capture_output=True, text=True, check=True)
+    return [Path(line) for line in listing.stdout.splitlines() if line and not Path(line).is_dir()]
+
+
+def test_installed_files() -> None:
+    """The binary runs on Debian's python3; unit, conffile and man page are where Debian puts them."""
+    assert Path("/usr/bin/invoicer").read_text().splitlines()[0] == "#!/usr/bin/python3"
+    version = subprocess.run(["/usr/bin/invoicer", "--version"], capture_output=True, text=True, check=True)
+    assert version.stdout.startswith("invoicer ")
+    assert INSTALLED_UNIT.exists()
+    conffiles = subprocess.run(["dpkg-query", "-W", "-f=${Conffiles}", "invoicer"], capture_output=True,
+                               text=True, check=True).stdout
+    assert "/etc/default/invoicer" in conffiles
+    assert subprocess.run(["man", "-w", "invoicer"], capture_output=True, text=True,
+                          check=True).stdout.strip() == "/usr/share/man/man8/invoicer.8.gz"
+
+
+def test_installed_unit_verifies_clean() -> None:
+    """systemd-analyze verify on the installed unit, with its binary and man page really there: silent."""
+    result = subprocess.run(["systemd-analyze", "verify", str(INSTALLED_UNIT)], capture_output=True,
+                            text=True, check=False)
+    assert result.returncode == 0
+    assert result.stdout + result.stderr == ""
+
+
+@pytest.fixture(scope="module")
+def manager() -> Iterator[UserManager]:
+    """A user manager running the installed unit with the minimal drop-in."""
+    assert not missing_requirements(), missing_requirements()
+    harness = UserManager()
+    try:
+        harness.start()
+        shutil.copy(INSTALLED_UNIT, harness.units / UNIT)
+        (harness.units / f"{UNIT}.d").mkdir()
+        (harness.units / f"{UNIT}.d" / "test.conf").write_text(DROP_IN)
+        harness.systemctl("daemon-reload")
+        yield harness
+    finally:
+        harness.systemctl("stop", UNIT, check=False, timeout=60)
+        harness.stop()
+
+
+def test_installed_unit_starts_reloads_and_stops(manager: UserManager) -> None:
+    """The installed unit on Debian's python3: ready, status, reload in place, stop, gap-free."""
+    write_environment(manager, INVOICER_WORKERS="4", INVOICER_STATUS_INTERVAL="0.2",
+                      INVOICER_PROCESSING_DELAY_MS="2")
+    manager.systemctl("start", UNIT)
+    first = status(manager)
+    assert ": 4 workers, " in first["StatusText"]
+    main = first["MainPID"]
+    assert Path(f"/proc/{main}/exe").resolve().name.startswith("python3")
+    assert "/usr/bin/invoicer" in Path(f"/proc/{main}/cmdline").read_text()
+    wait_until(lambda: rate_of(status(manager)["StatusText"]) > 0, what="a rate")
+    write_environment(manager, INVOICER_WORKERS="7", INVOICER_STATUS_INTERVAL="0.2",
+                      INVOICER_PROCESSING_DELAY_MS="2")
+    manager.systemctl("reload", UNIT)
+    after = status(manager)
+    assert after["MainPID"] == main
+    assert ": 7 workers, " in after["StatusText"]
+    manager.systemctl("stop", UNIT)
+    assert status(manager)["Result"] == "success"
+    assert_gap_free(database(manager))
+
+
+def test_purge_leaves_only_the_database() -> None:
+    """Purging removes every installed file, /etc/default/invoicer included, and keeps the database."""
+    OPERATOR_DATABASE.parent.mkdir(parents=True, exist_ok=True)
+    daemon = subprocess.Popen(["/usr/bin/invoicer", "run"], env=daemon_env(OPERATOR_DATABASE),
+                              stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not Path(f"{OPERATOR_DATABASE}.reload-state.json").exists():  # written once it is running
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(30) == 0
+    stored = assert_gap_free(OPERATOR_DATABASE).count
+    installed = dpkg_files()
+    subprocess.run(["apt-get", "purge", "-y", "invoicer"], check=True, capture_output=True,
+                   env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    assert [path for path in installed if path.exists()] == []
+    assert not Path("/etc/default/invoicer").exists()
+    assert assert_gap_free(OPERATOR_DATABASE).count == stored
+    shutil.rmtree(OPERATOR_DATABASE.parent)  # the test's own data; an operator's stays
