@@ -46,6 +46,7 @@ class MountNamespace:
         return Path(f"/proc/{self._holder.pid}/root") / str(inside).lstrip("/")
 
     def __exit__(self, *exc: object) -> None:
+        """End the namespace (safe to call twice, or before entering)."""
         if self._holder is not None:
             if self._holder.poll() is None:
                 self._holder.kill()

@@ -16,21 +16,20 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.namespace import MountNamespace
+
 JOURNALD = "/lib/systemd/systemd-journald"
 SYSTEMD = "/lib/systemd/systemd"
 
-# Run by the namespace's first process; it prints "ready" once the mounts are in place, then waits.
+# The namespace's mounts: the manager's and journald's runtime state, and a writable /etc/default.
 SETUP = """
-set -e
 mount -t tmpfs tmpfs /run/systemd
 mkdir -p /run/systemd/system
 mount -t tmpfs tmpfs /run/log
 mkdir -p /var/log/journal
 mount -t tmpfs tmpfs /var/log/journal
-mount -t overlay overlay -o lowerdir=/etc/default,upperdir="$ROOT/etc-upper",workdir="$ROOT/etc-work" \
+mount -t overlay overlay -o lowerdir=/etc/default,upperdir={root}/etc-upper,workdir={root}/etc-work \
     /etc/default
-echo ready
-exec sleep infinity
 """
 
 
@@ -55,7 +54,7 @@ class UserManager:
         self.runtime = self.root / "runtime"
         self.units = self.home / ".config" / "systemd" / "user"
         self._processes: list[subprocess.Popen[str]] = []
-        self._holder: subprocess.Popen[str] | None = None
+        self._namespace = MountNamespace(SETUP.format(root=self.root))
 
     @property
     def env(self) -> dict[str, str]:
@@ -66,22 +65,16 @@ class UserManager:
         return env
 
     def _enter(self) -> list[str]:
-        assert self._holder is not None
-        return ["nsenter", f"--mount=/proc/{self._holder.pid}/ns/mnt", "--"]
+        return self._namespace.enter()
 
     def start(self, timeout: float = 30.0) -> None:
         """Make the namespace, start journald and the user manager, wait for the manager's socket."""
         for directory in (self.units, self.runtime, self.root / "etc-upper", self.root / "etc-work"):
             directory.mkdir(parents=True, exist_ok=True)
         self.runtime.chmod(0o700)
-        self._holder = subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", SETUP],
-            env={**os.environ, "ROOT": str(self.root)}, stdout=subprocess.PIPE, text=True)
-        assert self._holder.stdout is not None
-        if self._holder.stdout.readline().strip() != "ready":
-            raise RuntimeError("could not set up the private mount namespace")
+        self._namespace.__enter__()
         self._spawn([JOURNALD], self.root / "journald.log")
-        journal_socket = Path(f"/proc/{self._holder.pid}/root/run/systemd/journal/stdout")
+        journal_socket = self._namespace.path(Path("/run/systemd/journal/stdout"))
         self._wait_for(journal_socket, timeout)
         self._spawn([SYSTEMD, "--user", "--log-target=journal"], self.root / "manager.log")
         self._wait_for(self.runtime / "systemd" / "private", timeout)
@@ -123,8 +116,7 @@ class UserManager:
 
     def host_path(self, path: str) -> Path:
         """The host's way into ``path`` as the namespace sees it (through the holder's root)."""
-        assert self._holder is not None
-        return Path(f"/proc/{self._holder.pid}/root") / path.lstrip("/")
+        return self._namespace.path(Path(path))
 
     def stop(self) -> None:
         """Stop the manager, journald and the namespace, by PID, and remove the directory."""
@@ -136,11 +128,6 @@ class UserManager:
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
-        if self._holder is not None:
-            if self._holder.poll() is None:
-                self._holder.kill()
-                self._holder.wait()
-            if self._holder.stdout is not None:
-                self._holder.stdout.close()
+        self._namespace.__exit__()
         with contextlib.suppress(OSError):
             shutil.rmtree(self.root)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -63,6 +64,19 @@ def manager() -> Iterator[UserManager]:
         harness.stop()
 
 
+@contextlib.contextmanager
+def extra_drop_in(manager: UserManager, name: str, text: str) -> Iterator[None]:
+    """Add a drop-in for one test (daemon-reload), and take it away again afterwards."""
+    path = manager.units / f"{UNIT}.d" / name
+    path.write_text(text)
+    try:
+        manager.systemctl("daemon-reload")
+        yield
+    finally:
+        path.unlink()
+        manager.systemctl("daemon-reload")
+
+
 def write_environment(manager: UserManager, **values: str) -> None:
     """Write /etc/default/invoicer as the namespace sees it (never the host's)."""
     text = "".join(f"{key}={value}\n" for key, value in values.items())
@@ -95,6 +109,8 @@ def rate_of(status_text: str) -> int:
     return int(match.group(1).replace(",", ""))
 
 
+SHORT_WATCHDOG = "[Service]\nWatchdogSec=2s\nRestartSec=1s\n"
+SHORT_STOP_TIMEOUT = "[Service]\nTimeoutStopSec=2s\n"
 BASE_ENV = {"INVOICER_STATUS_INTERVAL": "0.2", "INVOICER_PROCESSING_DELAY_MS": "2"}
 
 
@@ -209,10 +225,7 @@ def test_stop_succeeds_and_leaves_the_table_gap_free(manager: UserManager) -> No
 
 def test_slow_but_progressing_pipeline_keeps_its_watchdog(manager: UserManager) -> None:
     """Invoices of 0.6 s each, WatchdogSec=2s: pings continue, no restart for three watchdog periods."""
-    short = manager.units / f"{UNIT}.d" / "watchdog.conf"
-    short.write_text("[Service]\nWatchdogSec=2s\nRestartSec=1s\n")
-    try:
-        manager.systemctl("daemon-reload")
+    with extra_drop_in(manager, "watchdog.conf", SHORT_WATCHDOG):
         # A queue sized for slow invoices (README: the drain takes about queue / workers invoices).
         write_environment(manager, INVOICER_WORKERS="4", INVOICER_STATUS_INTERVAL="0.2",
                           INVOICER_PROCESSING_DELAY_MS="600", INVOICER_QUEUE_SIZE="8")
@@ -225,17 +238,11 @@ def test_slow_but_progressing_pipeline_keeps_its_watchdog(manager: UserManager) 
         assert status(manager)["NRestarts"] == "0"
         manager.systemctl("stop", UNIT)
         assert status(manager)["Result"] == "success"
-    finally:
-        short.unlink()
-        manager.systemctl("daemon-reload")
 
 
 def test_hung_workers_are_killed_by_the_watchdog_and_restarted(manager: UserManager) -> None:
     """All workers stuck in the processor: pings stop, systemd kills and restarts it; nothing is lost."""
-    short = manager.units / f"{UNIT}.d" / "watchdog.conf"
-    short.write_text("[Service]\nWatchdogSec=2s\nRestartSec=1s\n")
-    try:
-        manager.systemctl("daemon-reload")
+    with extra_drop_in(manager, "watchdog.conf", SHORT_WATCHDOG):
         write_environment(manager, INVOICER_WORKERS="4", INVOICER_STATUS_INTERVAL="0.2",
                           INVOICER_PROCESSOR="tests.plugins.processors:hang_after", HANG_AFTER="300",
                           INVOICER_PROCESSING_DELAY_MS="0")
@@ -253,17 +260,11 @@ def test_hung_workers_are_killed_by_the_watchdog_and_restarted(manager: UserMana
         assert status(manager)["Result"] == "success"
         facts = assert_gap_free(database(manager))
         assert facts.failed == 0
-    finally:
-        short.unlink()
-        manager.systemctl("daemon-reload")
 
 
 def test_long_drain_extends_the_stop_timeout(manager: UserManager) -> None:
     """A drain longer than TimeoutStopSec=2s ends in success: STATUS draining, EXTEND_TIMEOUT_USEC."""
-    short = manager.units / f"{UNIT}.d" / "timeout.conf"
-    short.write_text("[Service]\nTimeoutStopSec=2s\n")
-    try:
-        manager.systemctl("daemon-reload")
+    with extra_drop_in(manager, "timeout.conf", SHORT_STOP_TIMEOUT):
         # 64 queued + 4 in flight at 0.3 s each over 4 workers: a drain of about 5 s.
         write_environment(manager, INVOICER_WORKERS="4", INVOICER_STATUS_INTERVAL="0.2",
                           INVOICER_PROCESSING_DELAY_MS="300", INVOICER_QUEUE_SIZE="64")
@@ -279,6 +280,3 @@ def test_long_drain_extends_the_stop_timeout(manager: UserManager) -> None:
         drained = next(r for r in summary if r["message"] == "drained and stopped")
         assert drained["seconds"] > 2.0  # longer than TimeoutStopSec: the extensions carried it
         assert_gap_free(database(manager))
-    finally:
-        short.unlink()
-        manager.systemctl("daemon-reload")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -216,6 +217,8 @@ class Daemon:
         self._notifier.stopping()
         self._notifier.close()
         self._storage.close()
+        with contextlib.suppress(OSError):  # the record of a process that no longer runs
+            self._reload_state.unlink()
         return 0
 
     def _wait(self, step: Callable[[float], bool]) -> None:
