@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from invoicer.daemon import SAME_STOP_S
 from tests.conftest import Daemon, assert_gap_free, daemon_env, table_facts
 
 StartDaemon = Callable[..., Daemon]
@@ -149,6 +150,7 @@ def test_second_signal_stops_at_once_and_next_start_recovers(tmp_path: Path,
     slow.signal()
     assert slow.notify is not None
     slow.notify.wait_for(lambda m: m.startswith("STATUS=draining"))
+    time.sleep(SAME_STOP_S)  # by the clock on purpose: a signal sooner would count as the same request
     slow.signal()
     code, output = slow.wait(timeout=10)
     assert code == 128 + signal.SIGTERM
@@ -162,6 +164,23 @@ def test_second_signal_stops_at_once_and_next_start_recovers(tmp_path: Path,
     assert code == 0, output
     recovery = next(r for r in records(output) if str(r["message"]).startswith("recovery"))
     assert recovery["recovered"] == left.high_water - left.count
+    assert_gap_free(database)
+
+
+def test_the_same_stop_delivered_twice_still_drains(tmp_path: Path, start_daemon: StartDaemon) -> None:
+    """Two SIGTERMs back to back (as GNU timeout sends them) are one request: a clean drain, exit 0."""
+    database = tmp_path / "invoices.db"
+    daemon = start_daemon(database, INVOICER_WORKERS="2", INVOICER_PROCESSING_DELAY_MS="20",
+                          INVOICER_QUEUE_SIZE="64")
+    daemon.wait_stored(20)
+    daemon.signal()
+    while "SIGTERM received: draining" not in daemon.log_path.read_text():  # the first one is handled
+        time.sleep(0.005)
+    daemon.signal()  # well within SAME_STOP_S of the first
+    code, output = daemon.wait()
+    assert code == 0, output
+    assert "SIGTERM again within 0.25s: the same stop request" in messages(output)
+    assert "drained and stopped" in messages(output)
     assert_gap_free(database)
 
 

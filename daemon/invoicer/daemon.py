@@ -36,6 +36,7 @@ log = logging.getLogger("invoicer")
 EX_SOFTWARE = 70          # sysexits.h: an internal failure (a broken loop)
 DRAIN_STALL_S = 30.0      # a drain that commits nothing for this long is abandoned (recovered next start)
 WAIT_STEP_S = 0.05        # how often the main thread re-checks its events while it waits for a thread
+SAME_STOP_S = 0.25        # a stop signal this soon after the first is the same request, not a second one
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP)
 
@@ -65,6 +66,7 @@ class Daemon:
         self._environment_file = environment_file(self._start_env)
         self._reload_state = control.state_path(self._start_env, config.database)
         self._reloads = 0
+        self._stop_signal_at = 0.0
         self._file_keys: frozenset[str] = frozenset()
 
     # -- start-up -----------------------------------------------------------------------------------
@@ -116,7 +118,7 @@ class Daemon:
     # -- recording (signal handlers and other threads) ------------------------------------------------
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self._events.put(("signal", signum, None))  # SimpleQueue.put is safe in a signal handler
+        self._events.put(("signal", signum, time.monotonic()))  # SimpleQueue.put is signal-safe
 
     def _on_fatal(self, where: str, exc: BaseException) -> None:
         self._events.put(("fatal", where, exc))
@@ -139,6 +141,7 @@ class Daemon:
         while True:
             kind, what, detail = self._events.get()
             if kind == "signal" and what in STOP_SIGNALS:
+                self._stop_signal_at = detail
                 return self._shutdown(signal.Signals(what).name)
             if kind == "signal" and what == signal.SIGHUP:
                 self._reload()
@@ -244,6 +247,10 @@ class Daemon:
         except queue.Empty:
             return
         if kind == "signal" and what in STOP_SIGNALS:
+            if detail - self._stop_signal_at < SAME_STOP_S:
+                # One request, delivered twice: GNU timeout signals the child and then its process group.
+                log.info("%s again within %gs: the same stop request", signal.Signals(what).name, SAME_STOP_S)
+                return
             raise _AbandonDrainError(f"second {signal.Signals(what).name} during the drain", 128 + what)
         if kind == "signal":
             log.warning("%s ignored: the daemon is draining", signal.Signals(what).name)
