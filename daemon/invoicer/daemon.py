@@ -85,6 +85,7 @@ class Daemon:
             plan = self._storage.recovery_plan()
         except StorageError as exc:
             log.error("%s", exc, extra={"exit_code": exc.exit_code})
+            self._notifier.status(f"failed: {exc}")
             return exc.exit_code
         log.info("recovery: %d invoice numbers to process first", len(plan.missing), extra={
             "recovered": len(plan.missing), "high_water": plan.high_water,
