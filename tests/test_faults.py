@@ -222,7 +222,8 @@ def hold_write_lock(database: Path) -> subprocess.Popen[str]:
                              text=True)
     assert shell.stdin is not None
     assert shell.stdout is not None
-    shell.stdin.write("BEGIN IMMEDIATE;\nSELECT 'locked';\n")
+    # .timeout: wait for the daemon's own transaction to end; .bail: no "locked" unless BEGIN succeeded.
+    shell.stdin.write(".timeout 10000\n.bail on\nBEGIN IMMEDIATE;\nSELECT 'locked';\n")
     shell.stdin.flush()
     assert shell.stdout.readline().strip() == "locked"
     return shell
