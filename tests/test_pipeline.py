@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -21,9 +21,9 @@ from tests.test_generator import CountingReserver
 
 
 def test_largest_chunk_keeps_several_in_the_queue() -> None:
-    """Chunks are at most MAX_CHUNK and never larger than half the queue (but at least 1)."""
+    """Chunks are at most MAX_CHUNK and never larger than an eighth of the queue (but at least 1)."""
     assert max_chunk(1) == 1
-    assert max_chunk(80) == 40
+    assert max_chunk(80) == 10
     assert max_chunk(10**6) == pipeline.MAX_CHUNK
 
 
@@ -205,27 +205,3 @@ def test_resize_grows_and_shrinks_without_losing_numbers() -> None:
     while not results.empty():
         seen.extend(row[0] for row in results.get_nowait())
     assert sorted(seen) == list(range(1, 901))
-
-
-def test_a_slow_chunk_hands_its_rest_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A consumer whose chunk runs past SPLIT_AFTER_S hands the rest back; every number is done once."""
-    monkeypatch.setattr(pipeline, "SPLIT_AFTER_S", 0.0)  # every invoice counts as "long"
-    handed_back: list[list[int]] = []
-
-    class RecordingQueue(WorkQueue):
-        def put_back(self, chunk: Sequence[int]) -> None:
-            handed_back.append(list(chunk))
-            super().put_back(chunk)
-
-    work = RecordingQueue(10)
-    results: queue.Queue[list[Row]] = queue.Queue()
-    pool = ConsumerPool(build_invoice, work, results, 2, lambda *_: None)
-    pool.start()
-    work.put([1, 2, 3, 4])
-    seen: list[int] = []
-    while len(seen) < 4:
-        seen.extend(row[0] for row in results.get(timeout=10))
-    pool.retire_all()
-    assert pool.join(10)
-    assert sorted(seen) == [1, 2, 3, 4]
-    assert handed_back == [[2, 3, 4], [3, 4], [4]]

@@ -71,15 +71,3 @@ def test_capacity_must_be_positive() -> None:
     """A zero capacity is a programming error."""
     with pytest.raises(ValueError, match="capacity"):
         WorkQueue(0)
-
-
-def test_put_back_goes_first_and_ahead_of_sentinels() -> None:
-    """A chunk handed back comes out next, before queued work and before any sentinel."""
-    work = WorkQueue(4)
-    work.put([1, 2])
-    work.put_sentinel()
-    work.put_back([9, 10, 11])  # may pass the bound: these numbers were queued a moment ago
-    assert work.depth() == 5
-    assert list(work.get() or []) == [9, 10, 11]
-    assert list(work.get() or []) == [1, 2]
-    assert work.get() is None

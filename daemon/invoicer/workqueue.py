@@ -45,17 +45,6 @@ class WorkQueue:
             self._not_empty.notify()
             return True
 
-    def put_back(self, chunk: Chunk) -> None:
-        """Return the unprocessed rest of a chunk to the front, ahead of any sentinel, without waiting.
-
-        The numbers were in the queue a moment ago, so the bound is at most exceeded by what the consumers
-        hold; putting them in front keeps every retirement sentinel behind all remaining work.
-        """
-        with self._mutex:
-            self._items.appendleft(chunk)
-            self._numbers += len(chunk)
-            self._not_empty.notify()
-
     def put_sentinel(self) -> None:
         """Append a retirement sentinel: the consumer that takes it ends, after the work queued before it."""
         with self._mutex:
