@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -176,7 +175,3 @@ def changed_settings(old: Config, new: Config) -> list[str]:
     """Names of the settings that differ between two configurations."""
     return [f.name for f in dataclasses.fields(Config) if getattr(old, f.name) != getattr(new, f.name)]
 
-
-def log_level_number(name: str) -> int:
-    """Map a validated level name to the logging module's number."""
-    return logging.getLevelNamesMapping()[name]

@@ -67,7 +67,6 @@ class Producer:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="invoicer-producer", daemon=True)
         self.queued_total = 0            # numbers put on the queue; written by the producer thread only
-        self.recovered_left = len(recovered)
 
     def start(self) -> None:
         """Start producing."""
@@ -93,7 +92,6 @@ class Producer:
                 chunk = self._recovered[position:position + self._chunk()]
                 self._put(chunk, until_stopped=False)
                 position += len(chunk)
-                self.recovered_left = len(self._recovered) - position
             while not self._stop.is_set():
                 numbers = self._generator.take(self._chunk())
                 if not self._put(numbers):
