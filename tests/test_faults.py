@@ -112,6 +112,9 @@ def test_recovery_interrupted_is_finished_by_the_next_start(tmp_path: Path,
     assert code == 0, output
     recovery = next(r for r in records(output) if str(r["message"]).startswith("recovery"))
     assert recovery["recovered"] == 20_000 - halfway.count
+    assert second.notify is not None
+    assert any(a.startswith("STATUS=recovering: ") for a in second.notify.assignments())
+    assert second.notify.assignments()[-2].startswith("STATUS=stopped: ")
     assert assert_gap_free(database).count >= 20_000
 
 

@@ -91,7 +91,7 @@ class Daemon:
             "recovered": len(plan.missing), "high_water": plan.high_water,
             "stored_through": plan.stored_through, "stored_total": plan.stored_total})
         self._build(plan)
-        self._state = "recovering" if plan.missing else "running"
+        self._state = "running"
         self._writer.start()
         self._pool.start()
         self._producer.start()
@@ -127,14 +127,19 @@ class Daemon:
     def _snapshot(self) -> Snapshot:
         writer = self._writer
         state = self._state
-        if state == "recovering" and writer.stored_through >= self._plan.high_water:
-            state = self._state = "running"
+        # Recovering until every number owed at start-up is stored (stored_through only grows).
+        if state == "running" and self._plan.missing and writer.stored_through < self._plan.high_water:
+            state = "recovering"
         return Snapshot(
             state=state, workers=self._pool.workers,
             stored_total=self._plan.stored_total + writer.committed_total,
             committed=writer.committed_total,
-            pending=self._producer.queued_total - writer.committed_total,
+            pending=self._pending(),
             queue_depth=self._work.depth())
+
+    def _pending(self) -> int:
+        """Numbers handed to the pipeline and not yet committed."""
+        return self._producer.queued_total - self._writer.committed_total
 
     # -- the main thread ------------------------------------------------------------------------------
 
@@ -236,7 +241,7 @@ class Daemon:
         while not step(WAIT_STEP_S):
             self._check_events()
             now = time.monotonic()
-            if self._writer.committed_total != committed or self._snapshot().pending == 0:
+            if self._writer.committed_total != committed or self._pending() == 0:
                 committed = self._writer.committed_total
                 deadline = now + DRAIN_STALL_S
             elif now > deadline:
