@@ -54,6 +54,9 @@ def test_status_line_format() -> None:
     assert line.isascii()
     draining = status_line(dataclasses.replace(snap, state="draining", pending=812), 99.0)
     assert draining.startswith("draining: 812 left, 8 workers")
+    gated = status_line(dataclasses.replace(snap, admitted=2), 1.0)
+    assert gated.endswith("queue 512, 2 at once")  # the concurrency gate admits fewer than all workers
+    assert status_line(dataclasses.replace(snap, admitted=8), 1.0).endswith("queue 512")
 
 
 def test_status_sent_once_per_interval() -> None:

@@ -27,7 +27,7 @@ from invoicer.config import (
 from invoicer.generator import InvoiceNumberGenerator
 from invoicer.notify import Notifier, watchdog_interval
 from invoicer.observer import Observer, Snapshot, status_line
-from invoicer.pipeline import ConsumerPool, Producer, StorageWriter, chunk_for, max_chunk
+from invoicer.pipeline import ConsumerPool, Producer, StorageWriter, chunk_for, max_chunk, results_room
 from invoicer.storage import RecoveryPlan, Row, Storage, StorageError
 from invoicer.workqueue import WorkQueue
 
@@ -106,7 +106,7 @@ class Daemon:
         largest = max_chunk(config.queue_size)
         self._plan = plan
         self._work = WorkQueue(config.queue_size)
-        self._results: queue.Queue[list[Row]] = queue.Queue(maxsize=max(8, 2 * config.workers))
+        self._results: queue.Queue[list[Row]] = queue.Queue(maxsize=2 * config.workers + results_room())
         self._generator = InvoiceNumberGenerator(self._storage, plan.high_water)
         self._pool = ConsumerPool(self._processor, self._work, self._results, config.workers,
                                   self._on_fatal)
@@ -135,7 +135,8 @@ class Daemon:
             stored_total=self._plan.stored_total + writer.committed_total,
             committed=writer.committed_total,
             pending=self._pending(),
-            queue_depth=self._work.depth())
+            queue_depth=self._work.depth(),
+            admitted=self._pool.gate.limit)
 
     def _pending(self) -> int:
         """Numbers handed to the pipeline and not yet committed."""

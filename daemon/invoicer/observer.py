@@ -28,12 +28,15 @@ class Snapshot:
     committed: int      # rows committed by this run (only ever grows)
     pending: int        # numbers handed to the pipeline and not yet committed
     queue_depth: int    # numbers waiting in the work queue
+    admitted: int = 0   # consumers the concurrency gate lets process at once (0: not known)
 
 
 def status_line(snapshot: Snapshot, rate: float) -> str:
     """Format the one ASCII line for STATUS=, e.g. ``running: 8 workers, 1,234 invoices/s, ...``."""
     parts = [f"{snapshot.workers} workers", f"{rate:,.0f} invoices/s", f"{snapshot.stored_total:,} stored",
              f"queue {snapshot.queue_depth:,}"]
+    if 0 < snapshot.admitted < snapshot.workers:
+        parts.append(f"{snapshot.admitted} at once")
     if snapshot.state == "draining":
         parts.insert(0, f"{snapshot.pending:,} left")
     return f"{snapshot.state}: {', '.join(parts)}"
@@ -96,7 +99,7 @@ class Observer:
             log.info("throughput", extra={
                 "rate": round(self.rate, 1), "stored_total": snapshot.stored_total,
                 "queue_depth": snapshot.queue_depth, "workers": snapshot.workers,
-                "pending": snapshot.pending, "state": snapshot.state})
+                "pending": snapshot.pending, "state": snapshot.state, "admitted": snapshot.admitted})
             self._next_log = now + LOG_INTERVAL_S
         return snapshot
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import heapq
+import itertools
 import logging
 import queue
 import threading
@@ -19,6 +20,7 @@ from decimal import Decimal
 from typing import Any
 
 from invoicer.config import MAX_WORKERS
+from invoicer.gate import ConcurrencyGate
 from invoicer.generator import InvoiceNumberGenerator
 from invoicer.processing import Invoice
 from invoicer.storage import RecoveryPlan, Row, Storage
@@ -36,6 +38,15 @@ HANDOFF_S = 0.05                # a consumer hands finished rows to the writer a
                                 # slow invoices still commit (and feed the watchdog) one by one
 
 FatalHandler = Callable[[str, BaseException], None]
+
+
+def results_room() -> int:
+    """Row lists the results queue holds beyond two per worker: room for two full writer batches.
+
+    While the writer waits for the GIL between its SQLite calls, consumers must not block on a full
+    results queue, or the one core that runs Python idles.
+    """
+    return 2 * WRITER_BATCH // MAX_CHUNK
 
 
 def max_chunk(queue_size: int) -> int:
@@ -178,6 +189,7 @@ class ConsumerPool:
         # Seconds one invoice takes, a moving average; written by consumers (a float store is atomic
         # under the GIL), read by the producer to size chunks.
         self.invoice_seconds = 0.0
+        self.gate = ConcurrencyGate(workers)  # how many loops process at once (CPU-bound work: few)
 
     def start(self) -> None:
         """Start ``workers`` consumer loops."""
@@ -196,6 +208,7 @@ class ConsumerPool:
                 self._futures.append(self._executor.submit(self._consume, len(self._futures)))
             surplus = self.workers - workers
             self.workers = workers
+        self.gate.resize(workers)
         for _ in range(surplus):
             self._work.put_sentinel()
 
@@ -217,24 +230,33 @@ class ConsumerPool:
         return True
 
     def _consume(self, worker: int) -> None:
+        gate = self.gate
         try:
-            while True:
-                chunk = self._work.get()
-                if chunk is None:
-                    return
-                rows: list[Row] = []
-                started = handed_at = time.monotonic()
-                for number in chunk:
-                    rows.append(self._process(number, worker))
-                    if (now := time.monotonic()) - handed_at >= HANDOFF_S:
-                        self._results.put(rows)
-                        rows, handed_at = [], now
-                if rows:
-                    self._results.put(rows)
-                per_invoice = (time.monotonic() - started) / len(chunk)
-                self.invoice_seconds += (per_invoice - self.invoice_seconds) * 0.2
+            gate.acquire()
+            try:
+                while (chunk := self._work.get()) is not None:
+                    cpu_started = time.thread_time()
+                    started = time.monotonic()
+                    self._process_chunk(chunk, worker)
+                    wall = time.monotonic() - started
+                    self.invoice_seconds += (wall / len(chunk) - self.invoice_seconds) * 0.2
+                    if gate.report(time.thread_time() - cpu_started, wall):  # the limit fell: queue up
+                        gate.acquire()
+            finally:
+                gate.release()
         except BaseException as exc:  # a broken loop (not a broken invoice) ends the process loudly
             self._on_fatal(f"consumer {worker}", exc)
+
+    def _process_chunk(self, chunk: Chunk, worker: int) -> None:
+        rows: list[Row] = []
+        handed_at = time.monotonic()
+        for number in chunk:
+            rows.append(self._process(number, worker))
+            if (now := time.monotonic()) - handed_at >= HANDOFF_S:
+                self._results.put(rows)
+                rows, handed_at = [], now
+        if rows:
+            self._results.put(rows)
 
     def _process(self, invoice_id: int, worker: int) -> Row:
         return process_with_retries(self._processor, invoice_id, worker)
@@ -253,7 +275,8 @@ class StorageWriter:
         self._results = results
         self._on_fatal = on_fatal
         self._batch_size = batch_size
-        self._stored_above = list(plan.stored_above)  # a heap of stored numbers above stored_through
+        # A heap of (first, last) runs of stored numbers above stored_through.
+        self._stored_above = [(number, number) for number in plan.stored_above]
         heapq.heapify(self._stored_above)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="invoicer-writer", daemon=True)
@@ -280,30 +303,38 @@ class StorageWriter:
         try:
             while True:
                 try:
-                    batch = list(self._results.get(timeout=POLL_S))
+                    parts = [self._results.get(timeout=POLL_S)]
                 except queue.Empty:
                     if self._stop.is_set():
                         return  # the consumers have ended, so nothing more can arrive
                     continue
-                while len(batch) < self._batch_size:  # whatever else is waiting joins this commit
+                count = len(parts[0])
+                while count < self._batch_size:  # whatever else is waiting joins this commit
                     try:
-                        batch.extend(self._results.get_nowait())
+                        parts.append(self._results.get_nowait())
                     except queue.Empty:
                         break
-                if batch:
-                    self._commit(batch)
+                    count += len(parts[-1])
+                if count:
+                    self._commit(parts)
                 elif self._stop.is_set() and self._results.empty():
                     return
         except BaseException as exc:  # storage failure: end loudly; uncommitted rows are recovered
             self._on_fatal("writer", exc)
 
-    def _commit(self, batch: list[Row]) -> None:
+    def _commit(self, parts: list[list[Row]]) -> None:
         heap = self._stored_above
+        for rows in parts:  # a part from a new chunk is one run of consecutive numbers: one heap entry
+            first = rows[0][0] if rows else 0
+            if rows and [row[0] for row in rows] == list(range(first, first + len(rows))):
+                heapq.heappush(heap, (first, first + len(rows) - 1))
+            else:
+                for row in rows:
+                    heapq.heappush(heap, (row[0], row[0]))
         through = self.stored_through
-        for row in batch:
-            heapq.heappush(heap, row[0])
-        while heap and heap[0] <= through + 1:
-            through = max(through, heapq.heappop(heap))
+        while heap and heap[0][0] <= through + 1:
+            through = max(through, heapq.heappop(heap)[1])
+        batch = list(itertools.chain.from_iterable(parts))
         self._storage.save_batch(batch, through)
         self.stored_through = through
         self.committed_total += len(batch)

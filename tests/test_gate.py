@@ -1,0 +1,111 @@
+"""ConcurrencyGate: the admitted-consumer limit follows the CPU share of the work."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from invoicer.gate import HEADROOM, SAMPLES, ConcurrencyGate, limit_for
+
+
+@pytest.mark.parametrize(("share", "workers", "expected"), [
+    (1.0, 16, 2),         # pure Python work: about one core's worth of consumers
+    (1.0, 1, 1),
+    (0.5, 16, 3),         # half the time waiting: 1.5 / 0.5
+    (0.01, 16, 16),       # mostly waiting (an API, a disk): every worker
+    (0.0, 64, 64),
+    (0.002, 1024, 750),   # 5 ms waits, 10 us of Python: 1.5 / 0.002
+])
+def test_limit_for(share: float, workers: int, expected: int) -> None:
+    """ceil(HEADROOM / share), clamped to 1..workers."""
+    assert HEADROOM == 1.5
+    assert limit_for(share, workers) == expected
+
+
+def report_many(gate: ConcurrencyGate, cpu: float, wall: float, times: int = SAMPLES) -> list[bool]:
+    """Report ``times`` chunks of ``cpu`` CPU seconds over ``wall`` wall seconds."""
+    return [gate.report(cpu, wall) for _ in range(times)]
+
+
+def test_open_until_measured_then_closes_for_cpu_bound_work() -> None:
+    """All workers are admitted at first; CPU-bound chunks shrink the limit and surplus holders step out."""
+    gate = ConcurrencyGate(8)
+    for _ in range(8):
+        gate.acquire()  # eight consumers hold places, none waits
+    assert gate.limit == 8
+    steps_out = report_many(gate, 0.001, 0.001)
+    assert gate.limit == 2
+    assert steps_out.count(True) == 6  # six of the eight give their places up, one per report
+    assert steps_out[-1] is False      # and then the two left keep theirs
+
+
+def test_waiting_work_keeps_the_gate_open() -> None:
+    """Chunks that mostly wait (share 0.001) admit every worker."""
+    gate = ConcurrencyGate(64)
+    gate.acquire()
+    assert report_many(gate, 0.00002, 0.02) == [False] * SAMPLES
+    assert gate.limit == 64
+
+
+def test_median_ignores_a_minority_of_interrupted_chunks() -> None:
+    """A few chunks a GIL switch stretched (low share) do not open the gate."""
+    gate = ConcurrencyGate(16)
+    gate.acquire()
+    report_many(gate, 0.001, 0.001, SAMPLES - 5)
+    report_many(gate, 0.001, 0.05, 5)
+    assert gate.limit == 2
+
+
+def test_a_waiter_is_admitted_when_the_work_turns_waiting() -> None:
+    """A consumer waiting at the gate gets in as soon as the measured share says more are useful."""
+    gate = ConcurrencyGate(4)
+    gate.acquire()
+    report_many(gate, 0.001, 0.001)
+    gate.acquire()
+    assert gate.limit == 2
+    admitted = threading.Event()
+
+    def third() -> None:
+        gate.acquire()
+        admitted.set()
+
+    thread = threading.Thread(target=third)
+    thread.start()
+    assert not admitted.wait(0.05)  # the gate is full: it waits
+    report_many(gate, 0.0001, 0.01)  # now the chunks mostly wait
+    assert admitted.wait(10)
+    thread.join(10)
+    assert gate.limit == 4
+
+
+def test_release_hands_the_place_to_a_waiter() -> None:
+    """A consumer that ends (retirement) lets one waiting consumer in."""
+    gate = ConcurrencyGate(3)
+    gate.acquire()
+    report_many(gate, 0.001, 0.001)
+    gate.acquire()
+    admitted = threading.Event()
+
+    def waiter() -> None:
+        gate.acquire()
+        admitted.set()
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    assert not admitted.wait(0.05)
+    gate.release()
+    assert admitted.wait(10)
+    thread.join(10)
+
+
+def test_resize_follows_the_worker_count() -> None:
+    """A reload to fewer workers lowers the ceiling; to more raises it again."""
+    gate = ConcurrencyGate(16)
+    gate.acquire()
+    report_many(gate, 0.00001, 0.01)
+    assert gate.limit == 16
+    gate.resize(4)
+    assert gate.limit == 4
+    gate.resize(32)
+    assert gate.limit == 32
