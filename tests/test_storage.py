@@ -73,6 +73,22 @@ def test_save_batch_stores_rows_and_advances_stored_through(storage: Storage) ->
     assert plan.stored_total == 4
 
 
+@pytest.mark.parametrize("size", [1, 3, 8, 1000, 2048, 2049, 5000])
+def test_batches_of_any_size_store_exactly_their_rows(storage: Storage, size: int) -> None:
+    """Statements are padded to a power of two with NULL rows; only the real rows are stored, intact."""
+    storage.reserve(size)
+    batch = rows(range(1, size + 1))
+    storage.save_batch(batch, stored_through=size)
+    connection = sqlite3.connect(storage.path)
+    try:
+        stored = connection.execute(
+            "SELECT id, status, customer, currency, subtotal, tax, total, document, error, attempts "
+            "FROM invoices ORDER BY id").fetchall()
+    finally:
+        connection.close()
+    assert stored == batch
+
+
 def test_stored_through_never_moves_back(storage: Storage) -> None:
     """A batch carrying a lower stored_through leaves the mark where it was."""
     storage.reserve(10)

@@ -56,14 +56,18 @@ INSERT_INVOICES = (
     " VALUES "
 )
 ROW_PLACEHOLDERS = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+INSERT_PADDED = INSERT_INVOICES.replace(" VALUES ", " SELECT * FROM (VALUES")
 # Rows per INSERT statement, at most. sqlite3 releases the GIL around every sqlite3_prepare() and
 # sqlite3_step(), and each time the writer must win it back from a busy consumer thread, which takes up
 # to the 5 ms switch interval. executemany() steps once per row (measured: 466 rows/s against one busy
 # thread); 128-row statements 17,900 rows/s; one statement per batch 65,700 rows/s. So a whole batch is
 # one statement, as far as SQLite's variable limit (SQLITE_LIMIT_VARIABLE_NUMBER, read at open; 999
-# before SQLite 3.32) allows.
-ROWS_PER_STATEMENT = 4096
+# before SQLite 3.32) allows. Statements come in power-of-two sizes, padded with NULL rows that the
+# WHERE drops: a statement per exact size kept up to 128 compiled programs of up to 40,000 parameters
+# in sqlite3's statement cache (RSS 78 MiB instead of 29 MiB after 10 s).
+ROWS_PER_STATEMENT = 2048
 COLUMNS = 10
+PADDING = (None,) * COLUMNS
 SELECT_MARKS = "SELECT high_water, stored_through FROM sequence WHERE id = 1"
 SELECT_MAX_ID = "SELECT max(id) FROM invoices"
 SELECT_IDS_BETWEEN = "SELECT id FROM invoices WHERE id > ? AND id <= ? ORDER BY id"
@@ -88,9 +92,15 @@ EX_IOERR = 74      # sysexits.h: an input/output error (unreadable, unwritable, 
 EX_TEMPFAIL = 75   # sysexits.h: try again later (another instance, or another program's lock)
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=16)
 def _insert_statement(rows: int) -> str:
-    return INSERT_INVOICES + ", ".join([ROW_PLACEHOLDERS] * rows)
+    values = ", ".join([ROW_PLACEHOLDERS] * rows)  # placeholders only: no value enters the SQL text
+    return f"{INSERT_PADDED} {values}) WHERE column1 IS NOT NULL"
+
+
+def _padded_size(rows: int) -> int:
+    """Return the power of two at or above ``rows``: the statement size that carries them."""
+    return 1 << (rows - 1).bit_length()
 
 
 class StorageError(Exception):
@@ -192,7 +202,7 @@ class Storage:
                 raise StorageError(f"database {self.path} cannot use WAL mode (journal_mode={mode})")
             connection.execute(f"PRAGMA synchronous={self._synchronous}")
             variables = connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
-            self._rows_per_statement = max(1, min(ROWS_PER_STATEMENT, variables // COLUMNS))
+            self._rows_per_statement = 1 << (min(ROWS_PER_STATEMENT, variables // COLUMNS).bit_length() - 1)
             with self._transaction() as cursor:  # the first write proves the file is writable
                 for statement in SCHEMA:
                     cursor.execute(statement)
@@ -343,6 +353,8 @@ class Storage:
             step = self._rows_per_statement
             for start in range(0, len(rows), step):
                 part = rows[start:start + step]
-                cursor.execute(_insert_statement(len(part)), tuple(itertools.chain.from_iterable(part)))
+                size = _padded_size(len(part))
+                values = tuple(itertools.chain.from_iterable(part)) + PADDING * (size - len(part))
+                cursor.execute(_insert_statement(size), values)
             cursor.execute(ADVANCE_STORED_THROUGH, (stored_through, stored_through))
         self._write(save)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,14 +46,30 @@ def point(workers: int, delay_ms: float, alone: float, workdir: Path, seconds: f
                    directory=workdir)
 
 
-def test_cpu_bound_against_the_processor_alone(alone: float, workdir: Path) -> None:
-    """Delay 0: committed invoices/s with 1 and 16 workers, against the processor alone (target 0.75)."""
-    one = point(1, 0, alone, workdir)
-    sixteen = point(16, 0, alone, workdir)
-    print(f"\nprocessor alone {alone:,.0f}/s; 1 worker {one.rate:,.0f}/s = {one.rate / alone:.2f} x alone; "
-          f"16 workers {sixteen.rate:,.0f}/s = {sixteen.rate / one.rate:.2f} x 1 worker")
-    assert one.rate > 0
-    assert sixteen.rate > 0
+def test_cpu_bound_against_the_processor_alone(workdir: Path) -> None:
+    """Delay 0: 1 worker against the processor alone (target 0.75), 16 workers against 1 (target 0.95).
+
+    This machine's speed drifts (the processor alone measured 70,000-101,000/s within one minute), so
+    each ratio pairs measurements taken back to back: the processor alone for 1 s right before and
+    right after the 1-worker point, and the 16-worker point right after that. Three rounds; the
+    median ratio is the result.
+    """
+    one_vs_alone: list[float] = []
+    sixteen_vs_one: list[float] = []
+    for round_number in range(1, 4):
+        before = processor_alone(1.0)
+        one = point(1, 0, before, workdir)
+        after = processor_alone(1.0)
+        sixteen = point(16, 0, after, workdir)
+        one_vs_alone.append(one.rate / ((before + after) / 2))
+        sixteen_vs_one.append(sixteen.rate / one.rate)
+        print(f"\nround {round_number}: processor alone {before:,.0f}/s and {after:,.0f}/s; "
+              f"1 worker {one.rate:,.0f}/s = {one_vs_alone[-1]:.2f} x alone; "
+              f"16 workers {sixteen.rate:,.0f}/s = {sixteen_vs_one[-1]:.2f} x 1 worker")
+        assert one.rate > 0
+        assert sixteen.rate > 0
+    print(f"median: 1 worker = {statistics.median(one_vs_alone):.2f} x alone (target 0.75); "
+          f"16 workers = {statistics.median(sixteen_vs_one):.2f} x 1 worker (target 0.95)")
 
 
 @pytest.mark.parametrize("workers", [1, 4, 16, 64, 128])
