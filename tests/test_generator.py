@@ -111,3 +111,37 @@ def test_durable_mark_covers_every_number_across_crashes(tmp_path_factory: pytes
             handed_out.extend(generator.take(limit))
         storage.close()  # a crash: no release of the unused reservation
     assert len(handed_out) == len(set(handed_out))
+
+
+class FakeClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_blocks_grow_while_numbers_go_fast_and_shrink_when_slow() -> None:
+    """Blocks double while one lasts < 0.5 s (up to the maximum) and halve while one lasts > 4 s."""
+    clock = FakeClock()
+    reserver = CountingReserver()
+    generator = InvoiceNumberGenerator(reserver, 0, block_size=4, max_block_size=16, clock=clock)
+    for _ in range(5):
+        generator.take(1000)  # one whole block per call
+        clock.now += 0.1
+    for _ in range(3):
+        clock.now += 10
+        generator.take(1000)
+    assert [last - first + 1 for first, last in reserver.reservations] == [4, 8, 16, 16, 16, 8, 4, 4]
+    assert generator.last_issued == reserver.high_water == 76  # consecutive, nothing skipped
+
+
+def test_fixed_block_without_a_maximum() -> None:
+    """Without max_block_size the block never changes, however fast numbers go."""
+    clock = FakeClock()
+    generator = InvoiceNumberGenerator(CountingReserver(), 0, block_size=4, clock=clock)
+    for _ in range(20):
+        generator.take(4)
+    assert generator.block_size == 4

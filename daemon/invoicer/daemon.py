@@ -24,7 +24,7 @@ from invoicer.config import (
     load_config,
     read_environment_file,
 )
-from invoicer.generator import InvoiceNumberGenerator
+from invoicer.generator import MAX_BLOCK_SIZE, InvoiceNumberGenerator
 from invoicer.notify import Notifier, watchdog_interval
 from invoicer.observer import Observer, Snapshot, status_line
 from invoicer.pipeline import ConsumerPool, Producer, StorageWriter, chunk_for, max_chunk, results_room
@@ -107,7 +107,8 @@ class Daemon:
         self._plan = plan
         self._work = WorkQueue(config.queue_size)
         self._results: queue.Queue[list[Row]] = queue.Queue(maxsize=2 * config.workers + results_room())
-        self._generator = InvoiceNumberGenerator(self._storage, plan.high_water)
+        self._generator = InvoiceNumberGenerator(self._storage, plan.high_water,
+                                                 max_block_size=MAX_BLOCK_SIZE)
         self._pool = ConsumerPool(self._processor, self._work, self._results, config.workers,
                                   self._on_fatal)
         self._producer = Producer(self._generator, self._work, plan.missing,
