@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 from collections.abc import Sequence
@@ -99,7 +100,24 @@ def run() -> int:
         return EX_CONFIG
     processor = load_processor(config.processor)
     processing.set_delay_ms(config.processing_delay_ms)
+    tune_gc()
     return Daemon(config, processor).run()
+
+
+GC_YOUNG_THRESHOLD = 50_000
+
+
+def tune_gc() -> None:
+    """Collect the young generation every 50,000 net allocations instead of 700; freeze start-up objects.
+
+    Rows wait for their commit in the results queue, so allocations outrun frees and the default
+    threshold ran a collection every 700 of them, each walking the rows in flight. Measured at 1 worker
+    with no delay: 1.06 x the throughput (median of 8 paired rounds). Garbage in reference cycles is
+    still collected, only in larger steps.
+    """
+    gc.freeze()  # modules, classes, configuration: never garbage, no need to walk them again
+    _young, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 def maintain(args: argparse.Namespace) -> int:
