@@ -16,7 +16,9 @@ from invoicer.gate import HEADROOM, SAMPLES, ConcurrencyGate, limit_for
     (0.3, 16, 4),         # ceil(3.33)
     (0.01, 16, 16),       # mostly waiting (an API, a disk): every worker
     (0.0, 64, 64),
-    (0.002, 1024, 500),   # 5 ms waits, 10 us of Python: 1 / 0.002
+    (0.002, 1024, 1024),  # 5 ms waits, 10 us of Python: open
+    (0.05, 1024, 1024),   # below OPEN_BELOW_SHARE: open
+    (0.1, 1024, 10),
 ])
 def test_limit_for(share: float, workers: int, expected: int) -> None:
     """ceil(HEADROOM / share), clamped to 1..workers."""

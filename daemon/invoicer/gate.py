@@ -31,12 +31,16 @@ SAMPLES = 16        # chunks in the moving window the limit follows
 # (two at once) at 0.93 x (medians of 8 paired rounds). A processor that burns CPU outside the GIL (a C
 # library that releases it) also shows a share near 1 and is held to one consumer: that is the price.
 HEADROOM = 1.0
+# Below this share the gate stays open: invoices that wait 90 % of their time need 10+ consumers anyway,
+# and with many waiting workers (128 at 5 ms) GIL waits stretch chunks unevenly, so a partial limit
+# there would follow noise.
+OPEN_BELOW_SHARE = 0.1
 UPDATE_EVERY = 4    # reports between two recomputations of the limit
 
 
 def limit_for(share: float, workers: int) -> int:
     """How many of ``workers`` consumers to admit when an invoice runs Python ``share`` of its time."""
-    if share <= HEADROOM / workers:
+    if share < OPEN_BELOW_SHARE or share <= HEADROOM / workers:
         return workers
     return max(1, min(workers, math.ceil(HEADROOM / share)))
 
