@@ -60,20 +60,26 @@ def test_median_ignores_a_minority_of_interrupted_chunks() -> None:
     assert gate.limit == 1
 
 
+def waiting_consumer(gate: ConcurrencyGate) -> tuple[threading.Thread, threading.Event]:
+    """Start a thread that acquires a place; the event is set once it has one."""
+    admitted = threading.Event()
+
+    def consumer() -> None:
+        gate.acquire()
+        admitted.set()
+
+    thread = threading.Thread(target=consumer)
+    thread.start()
+    return thread, admitted
+
+
 def test_a_waiter_is_admitted_when_the_work_turns_waiting() -> None:
     """A consumer waiting at the gate gets in as soon as the measured share says more are useful."""
     gate = ConcurrencyGate(4)
     gate.acquire()
     report_many(gate, 0.001, 0.001)
     assert gate.limit == 1
-    admitted = threading.Event()
-
-    def second() -> None:
-        gate.acquire()
-        admitted.set()
-
-    thread = threading.Thread(target=second)
-    thread.start()
+    thread, admitted = waiting_consumer(gate)
     assert not admitted.wait(0.05)  # the gate is full: it waits
     report_many(gate, 0.0001, 0.01)  # now the chunks mostly wait
     assert admitted.wait(10)
@@ -87,14 +93,7 @@ def test_release_hands_the_place_to_a_waiter() -> None:
     gate.acquire()
     report_many(gate, 0.001, 0.001)
     assert gate.limit == 1
-    admitted = threading.Event()
-
-    def waiter() -> None:
-        gate.acquire()
-        admitted.set()
-
-    thread = threading.Thread(target=waiter)
-    thread.start()
+    thread, admitted = waiting_consumer(gate)
     assert not admitted.wait(0.05)
     gate.release()
     assert admitted.wait(10)

@@ -41,7 +41,7 @@ UPDATE_EVERY = 4    # reports between two recomputations of the limit
 
 def limit_for(share: float, workers: int) -> int:
     """How many of ``workers`` consumers to admit when an invoice runs Python ``share`` of its time."""
-    if share < OPEN_BELOW_SHARE or share <= HEADROOM / workers:
+    if share < OPEN_BELOW_SHARE:
         return workers
     return max(1, min(workers, math.ceil(HEADROOM / share)))
 

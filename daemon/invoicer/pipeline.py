@@ -34,20 +34,15 @@ MAX_CHUNK = 64                  # invoice numbers per work-queue item, at most
 CHUNK_TARGET_S = 0.02           # ... and about this much processing: slow invoices travel one by one
 WRITER_BATCH = 2048             # rows per transaction at most
 POLL_S = 0.1                    # how often a blocked put re-checks its stop event
+# Row lists the results queue holds beyond two per worker: room for two full writer batches. While the
+# writer waits for the GIL between its SQLite calls, consumers must not block on a full results queue,
+# or the one core that runs Python idles.
+RESULTS_ROOM = 2 * WRITER_BATCH // MAX_CHUNK
 CPU_SAMPLE_EVERY = 4            # chunks per CPU-share sample for the concurrency gate
 HANDOFF_S = 0.05                # a consumer hands finished rows to the writer at least this often, so
                                 # slow invoices still commit (and feed the watchdog) one by one
 
 FatalHandler = Callable[[str, BaseException], None]
-
-
-def results_room() -> int:
-    """Row lists the results queue holds beyond two per worker: room for two full writer batches.
-
-    While the writer waits for the GIL between its SQLite calls, consumers must not block on a full
-    results queue, or the one core that runs Python idles.
-    """
-    return 2 * WRITER_BATCH // MAX_CHUNK
 
 
 def max_chunk(queue_size: int) -> int:
@@ -331,8 +326,10 @@ class StorageWriter:
     def _commit(self, parts: list[list[Row]]) -> None:
         heap = self._stored_above
         for rows in parts:  # a part from a new chunk is one run of consecutive numbers: one heap entry
-            first = rows[0][0] if rows else 0
-            if rows and [row[0] for row in rows] == list(range(first, first + len(rows))):
+            if not rows:
+                continue  # the empty wake-up list stop() sends
+            first = rows[0][0]
+            if [row[0] for row in rows] == list(range(first, first + len(rows))):
                 heapq.heappush(heap, (first, first + len(rows) - 1))
             else:
                 for row in rows:

@@ -51,12 +51,12 @@ SCHEMA = (
     )""",
     "INSERT OR IGNORE INTO sequence (id, high_water, stored_through) VALUES (1, 0, 0)",
 )
+# Followed by rows of placeholders, ") WHERE column1 IS NOT NULL" (see ROWS_PER_STATEMENT).
 INSERT_INVOICES = (
     "INSERT INTO invoices (id, status, customer, currency, subtotal, tax, total, document, error, attempts)"
-    " VALUES "
+    " SELECT * FROM (VALUES"
 )
 ROW_PLACEHOLDERS = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-INSERT_PADDED = INSERT_INVOICES.replace(" VALUES ", " SELECT * FROM (VALUES")
 # Rows per INSERT statement, at most. sqlite3 releases the GIL around every sqlite3_prepare() and
 # sqlite3_step(), and each time the writer must win it back from a busy consumer thread, which takes up
 # to the 5 ms switch interval. executemany() steps once per row (measured: 466 rows/s against one busy
@@ -95,7 +95,7 @@ EX_TEMPFAIL = 75   # sysexits.h: try again later (another instance, or another p
 @functools.lru_cache(maxsize=16)
 def _insert_statement(rows: int) -> str:
     values = ", ".join([ROW_PLACEHOLDERS] * rows)  # placeholders only: no value enters the SQL text
-    return f"{INSERT_PADDED} {values}) WHERE column1 IS NOT NULL"
+    return f"{INSERT_INVOICES} {values}) WHERE column1 IS NOT NULL"
 
 
 def _padded_size(rows: int) -> int:
