@@ -188,6 +188,15 @@ def test_writer_advances_stored_through_over_out_of_order_rows(storage: Storage)
     assert (after.stored_through, after.stored_above) == (3, (5, 6))
 
 
+def test_writer_treats_only_consecutive_parts_as_runs(storage: Storage) -> None:
+    """A part whose ends look like a run (1 ... 3, three rows) but is not one is taken row by row."""
+    plan = storage.recovery_plan()
+    storage.reserve(20)
+    writer = write(storage, plan, [rows([1, 10, 3]), rows([4, 5, 6])])
+    assert writer.stored_through == 1  # 2 is missing: neither 1..3 nor 1..6 is stored
+    assert storage.recovery_plan().stored_above == (3, 4, 5, 6, 10)
+
+
 @settings(max_examples=40, deadline=None)
 @given(data=st.data())
 def test_invariant_holds_through_random_hand_outs_commits_and_crashes(data: st.DataObject) -> None:
