@@ -13,7 +13,7 @@ import pytest
 
 from invoicer import pipeline
 from invoicer.generator import InvoiceNumberGenerator
-from invoicer.pipeline import ConsumerPool, Producer, chunk_for, invoice_row, max_chunk
+from invoicer.pipeline import ConsumerPool, Part, Producer, chunk_for, invoice_row, max_chunk
 from invoicer.processing import build_invoice
 from invoicer.storage import Row
 from invoicer.workqueue import WorkQueue
@@ -74,7 +74,7 @@ def test_producer_blocks_on_a_full_queue_and_gives_back_on_stop() -> None:
 def run_pool(processor: Callable[[int], Any], numbers: list[int], workers: int = 3) -> dict[int, Row]:
     """Push ``numbers`` through a real ConsumerPool and return the rows it produced, by number."""
     work = WorkQueue(len(numbers))
-    results: queue.Queue[list[Row]] = queue.Queue()
+    results: queue.Queue[Part] = queue.Queue()
     fatal: list[BaseException] = []
     pool = ConsumerPool(processor, work, results, workers, lambda _w, exc: fatal.append(exc))
     pool.start()
@@ -85,7 +85,10 @@ def run_pool(processor: Callable[[int], Any], numbers: list[int], workers: int =
     assert fatal == []
     out: dict[int, Row] = {}
     while not results.empty():
-        for row in results.get_nowait():
+        part = results.get_nowait()
+        part_rows = part.batch.rows()
+        assert sorted(row[0] for row in part_rows) == list(part.numbers)  # one row per number of the part
+        for row in part_rows:
             assert row[0] not in out
             out[row[0]] = row
     return out
@@ -169,16 +172,16 @@ def test_slow_invoices_reach_the_writer_one_by_one(monkeypatch: pytest.MonkeyPat
         return build_invoice(invoice_id)
 
     work = WorkQueue(10)
-    results: queue.Queue[list[Row]] = queue.Queue()
+    results: queue.Queue[Part] = queue.Queue()
     pool = ConsumerPool(blocks_on_two, work, results, 1, lambda *_: None)
     pool.start()
     work.put([1, 2])
     first = results.get(timeout=10)
-    assert [row[0] for row in first] == [1]
+    assert (list(first.numbers), [row[0] for row in first.batch.rows()]) == ([1], [1])
     assert not release.is_set()
     release.set()
     second = results.get(timeout=10)
-    assert [row[0] for row in second] == [2]
+    assert (list(second.numbers), [row[0] for row in second.batch.rows()]) == ([2], [2])
     work.put_sentinel()
     assert pool.join(10)
 
@@ -186,7 +189,7 @@ def test_slow_invoices_reach_the_writer_one_by_one(monkeypatch: pytest.MonkeyPat
 def test_resize_grows_and_shrinks_without_losing_numbers() -> None:
     """Growing starts loops, shrinking retires them after queued work; every number still comes back."""
     work = WorkQueue(1000)
-    results: queue.Queue[list[Row]] = queue.Queue()
+    results: queue.Queue[Part] = queue.Queue()
     pool = ConsumerPool(build_invoice, work, results, 2, lambda *_: None)
     pool.start()
     for start in range(1, 301, 10):
@@ -203,5 +206,5 @@ def test_resize_grows_and_shrinks_without_losing_numbers() -> None:
     assert pool.join(30)
     seen: list[int] = []
     while not results.empty():
-        seen.extend(row[0] for row in results.get_nowait())
+        seen.extend(row[0] for row in results.get_nowait().batch.rows())
     assert sorted(seen) == list(range(1, 901))

@@ -13,11 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from invoicer.generator import InvoiceNumberGenerator
-from invoicer.pipeline import StorageWriter, failed_row, invoice_row
+from invoicer.pipeline import Part, StorageWriter, failed_row, invoice_row
 from invoicer.processing import build_invoice
 from invoicer.storage import (
     EX_TEMPFAIL,
+    OK_WIDTH,
     SELECT_IDS_BETWEEN,
+    Batch,
     RecoveryPlan,
     Row,
     Storage,
@@ -28,6 +30,22 @@ from invoicer.storage import (
 def rows(numbers: list[int] | range) -> list[Row]:
     """Table rows for the sample invoices of ``numbers``."""
     return [invoice_row(n, build_invoice(n), 1) for n in numbers]
+
+
+def batch(numbers: list[int] | range) -> Batch:
+    """A batch of the sample invoices of ``numbers``."""
+    return Batch.of(rows(numbers))
+
+
+def stored_rows(path: Path) -> list[tuple[object, ...]]:
+    """Every row of the invoices table, by number."""
+    connection = sqlite3.connect(path)
+    try:
+        return connection.execute(
+            "SELECT id, status, customer, currency, subtotal, tax, total, document, error, attempts "
+            "FROM invoices ORDER BY id").fetchall()
+    finally:
+        connection.close()
 
 
 @pytest.fixture
@@ -65,7 +83,7 @@ def test_reserve_is_durable(tmp_path: Path) -> None:
 def test_save_batch_stores_rows_and_advances_stored_through(storage: Storage) -> None:
     """Rows and the stored_through mark commit together."""
     storage.reserve(10)
-    storage.save_batch(rows([1, 2, 3, 5]), stored_through=3)
+    storage.save_batch(batch([1, 2, 3, 5]), stored_through=3)
     plan = storage.recovery_plan()
     assert plan.stored_through == 3
     assert plan.stored_above == (5,)
@@ -75,34 +93,47 @@ def test_save_batch_stores_rows_and_advances_stored_through(storage: Storage) ->
 
 @pytest.mark.parametrize("size", [1, 3, 8, 1000, 2048, 2049, 5000])
 def test_batches_of_any_size_store_exactly_their_rows(storage: Storage, size: int) -> None:
-    """Statements are padded to a power of two with NULL rows; only the real rows are stored, intact."""
+    """Statements are padded to a power of two with rows of zeros; only the real rows are stored, intact."""
     storage.reserve(size)
-    batch = rows(range(1, size + 1))
-    storage.save_batch(batch, stored_through=size)
-    connection = sqlite3.connect(storage.path)
-    try:
-        stored = connection.execute(
-            "SELECT id, status, customer, currency, subtotal, tax, total, document, error, attempts "
-            "FROM invoices ORDER BY id").fetchall()
-    finally:
-        connection.close()
-    assert stored == batch
+    expected = rows(range(1, size + 1))
+    storage.save_batch(Batch.of(expected), stored_through=size)
+    assert stored_rows(storage.path) == expected
+
+
+@pytest.mark.parametrize("failed", [1, 3, 2049])
+def test_failed_rows_and_processed_ones_share_a_batch(storage: Storage, failed: int) -> None:
+    """Failed rows take the full-row statement, processed ones the short one; both land exactly."""
+    total = failed + 300
+    storage.reserve(total)
+    expected = sorted(
+        [failed_row(n, ValueError(f"broken {n}"), 3) for n in range(1, failed + 1)]
+        + [invoice_row(n, build_invoice(n), 1 + n % 3) for n in range(failed + 1, total + 1)])
+    mixed = Batch.of(expected)
+    assert (len(mixed.ok) // OK_WIDTH, len(mixed.failed), len(mixed)) == (300, failed, total)
+    storage.save_batch(mixed, stored_through=total)
+    assert stored_rows(storage.path) == expected
+
+
+def test_a_batch_gives_back_the_rows_it_was_made_of() -> None:
+    """Batch.of and Batch.rows are inverses (processed rows first): what the writer stores is the row."""
+    made_of = [*rows([4, 5]), failed_row(6, ValueError("x"), 3), *rows([7])]
+    assert Batch.of(made_of).rows() == [*rows([4, 5, 7]), failed_row(6, ValueError("x"), 3)]
 
 
 def test_stored_through_never_moves_back(storage: Storage) -> None:
     """A batch carrying a lower stored_through leaves the mark where it was."""
     storage.reserve(10)
-    storage.save_batch(rows(range(1, 6)), stored_through=5)
-    storage.save_batch(rows([7]), stored_through=2)
+    storage.save_batch(batch(range(1, 6)), stored_through=5)
+    storage.save_batch(batch([7]), stored_through=2)
     assert storage.recovery_plan().stored_through == 5
 
 
 def test_a_number_cannot_be_stored_twice(storage: Storage) -> None:
     """The primary key refuses a duplicate; the whole batch is rolled back."""
     storage.reserve(10)
-    storage.save_batch(rows([1]), stored_through=1)
+    storage.save_batch(batch([1]), stored_through=1)
     with pytest.raises(StorageError, match="UNIQUE"):
-        storage.save_batch(rows([2, 1]), stored_through=2)
+        storage.save_batch(batch([2, 1]), stored_through=2)
     assert storage.recovery_plan().stored_above == ()
     assert storage.recovery_plan().missing == tuple(range(2, 11))
 
@@ -163,14 +194,14 @@ def test_missing_directory_is_refused_naming_the_path(tmp_path: Path) -> None:
 
 
 def write(storage: Storage, plan: RecoveryPlan, batches: list[list[Row]]) -> StorageWriter:
-    """Run a real StorageWriter over ``batches`` and wait for it to commit them all."""
-    results: queue.Queue[list[Row]] = queue.Queue()
+    """Run a real StorageWriter over ``batches`` (each one consumer part) and wait for it to commit them."""
+    results: queue.Queue[Part] = queue.Queue()
     failures: list[BaseException] = []
     writer = StorageWriter(storage, results, plan, lambda _where, exc: failures.append(exc),
                            batch_size=7)
     writer.start()
-    for batch in batches:
-        results.put(batch)
+    for part in batches:
+        results.put(Part(tuple(row[0] for row in part), Batch.of(part)))
     writer.stop()
     assert writer.join(30)
     assert failures == []
@@ -195,6 +226,24 @@ def test_writer_treats_only_consecutive_parts_as_runs(storage: Storage) -> None:
     writer = write(storage, plan, [rows([1, 10, 3]), rows([4, 5, 6])])
     assert writer.stored_through == 1  # 2 is missing: neither 1..3 nor 1..6 is stored
     assert storage.recovery_plan().stored_above == (3, 4, 5, 6, 10)
+
+
+def test_writer_takes_range_parts_as_runs(storage: Storage) -> None:
+    """Parts of new chunks arrive as ranges, one run each, in any order; the prefix they close is stored."""
+    plan = storage.recovery_plan()
+    storage.reserve(20)
+    results: queue.Queue[Part] = queue.Queue()
+    failures: list[BaseException] = []
+    writer = StorageWriter(storage, results, plan, lambda _where, exc: failures.append(exc))
+    writer.start()
+    for numbers in (range(4, 8), range(9, 12), range(1, 4)):
+        results.put(Part(numbers, batch(numbers)))
+    writer.stop()
+    assert writer.join(30)
+    assert failures == []
+    assert (writer.stored_through, writer.committed_total) == (7, 10)
+    assert storage.recovery_plan().stored_above == (9, 10, 11)
+    assert [row[0] for row in stored_rows(storage.path)] == [*range(1, 8), 9, 10, 11]
 
 
 @settings(max_examples=40, deadline=None)

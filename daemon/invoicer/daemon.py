@@ -27,8 +27,8 @@ from invoicer.config import (
 from invoicer.generator import MAX_BLOCK_SIZE, InvoiceNumberGenerator
 from invoicer.notify import Notifier, watchdog_interval
 from invoicer.observer import Observer, Snapshot, status_line
-from invoicer.pipeline import RESULTS_ROOM, ConsumerPool, Producer, StorageWriter, chunk_for, max_chunk
-from invoicer.storage import RecoveryPlan, Row, Storage, StorageError
+from invoicer.pipeline import RESULTS_ROOM, ConsumerPool, Part, Producer, StorageWriter, chunk_for, max_chunk
+from invoicer.storage import RecoveryPlan, Storage, StorageError
 from invoicer.workqueue import WorkQueue
 
 log = logging.getLogger("invoicer")
@@ -106,7 +106,7 @@ class Daemon:
         largest = max_chunk(config.queue_size)
         self._plan = plan
         self._work = WorkQueue(config.queue_size)
-        self._results: queue.Queue[list[Row]] = queue.Queue(maxsize=2 * config.workers + RESULTS_ROOM)
+        self._results: queue.Queue[Part] = queue.Queue(maxsize=2 * config.workers + RESULTS_ROOM)
         self._generator = InvoiceNumberGenerator(self._storage, plan.high_water,
                                                  max_block_size=MAX_BLOCK_SIZE)
         self._pool = ConsumerPool(self._processor, self._work, self._results, config.workers,

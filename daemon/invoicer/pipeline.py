@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import heapq
-import itertools
 import logging
 import queue
 import threading
@@ -23,7 +23,7 @@ from invoicer.config import MAX_WORKERS
 from invoicer.gate import ConcurrencyGate
 from invoicer.generator import InvoiceNumberGenerator
 from invoicer.processing import Invoice
-from invoicer.storage import RecoveryPlan, Row, Storage
+from invoicer.storage import Batch, OkValues, RecoveryPlan, Row, Storage
 from invoicer.workqueue import Chunk, WorkQueue
 
 log = logging.getLogger("invoicer")
@@ -115,8 +115,8 @@ class Producer:
         return True
 
 
-def invoice_row(invoice_id: int, invoice: Any, attempts: int) -> Row:
-    """Check what a processor returned and turn it into a table row; ValueError if it is not usable."""
+def invoice_values(invoice_id: int, invoice: Any, attempts: int) -> OkValues:
+    """Check what a processor returned; return its OK_WIDTH stored values. ValueError if it is unusable."""
     if not isinstance(invoice, Invoice):
         raise ValueError(f"processor returned {type(invoice).__name__}, expected Invoice")
     customer, currency, document = invoice.customer, invoice.currency, invoice.document
@@ -126,8 +126,14 @@ def invoice_row(invoice_id: int, invoice: Any, attempts: int) -> Row:
             and type(document) is str and type(subtotal) is Decimal and type(tax) is Decimal
             and type(total) is Decimal):
         _explain_bad_invoice(invoice_id, invoice)
-    return (invoice_id, "ok", customer, currency, str(subtotal), str(tax), str(total), document, None,
-            attempts)
+    return invoice_id, customer, currency, str(subtotal), str(tax), str(total), document, attempts
+
+
+def invoice_row(invoice_id: int, invoice: Any, attempts: int) -> Row:
+    """Check what a processor returned and turn it into a table row; ValueError if it is not usable."""
+    number, customer, currency, subtotal, tax, total, document, _ = invoice_values(
+        invoice_id, invoice, attempts)
+    return number, "ok", customer, currency, subtotal, tax, total, document, None, attempts
 
 
 def _explain_bad_invoice(invoice_id: int, invoice: Invoice) -> None:
@@ -149,27 +155,50 @@ def failed_row(invoice_id: int, exc: BaseException, attempts: int) -> Row:
 
 def process_with_retries(processor: Callable[[int], Any], invoice_id: int, worker: int | str) -> Row:
     """Call the processor, retrying with backoff; an invoice that keeps failing becomes a failed row."""
+    try:
+        return invoice_row(invoice_id, processor(invoice_id), 1)
+    except Exception as exc:  # one bad invoice never kills the pool
+        return retry(processor, invoice_id, worker, exc)
+
+
+def retry(processor: Callable[[int], Any], invoice_id: int, worker: int | str, exc: Exception) -> Row:
+    """Go on after a first attempt failed with ``exc``: retry with backoff, up to MAX_ATTEMPTS in all."""
     attempt = 1
     while True:
+        context = {"invoice": invoice_id, "worker": worker, "attempt": attempt}
+        if attempt >= MAX_ATTEMPTS:
+            log.error("invoice %d failed %d times; stored as failed", invoice_id, attempt,
+                      exc_info=exc, extra=context)
+            return failed_row(invoice_id, exc, attempt)
+        log.warning("invoice %d failed (attempt %d of %d); retrying", invoice_id, attempt, MAX_ATTEMPTS,
+                    exc_info=exc, extra=context)
+        time.sleep(RETRY_BACKOFF_S * 2 ** (attempt - 1))
+        attempt += 1
         try:
             return invoice_row(invoice_id, processor(invoice_id), attempt)
-        except Exception as exc:  # one bad invoice never kills the pool
-            context = {"invoice": invoice_id, "worker": worker, "attempt": attempt}
-            if attempt >= MAX_ATTEMPTS:
-                log.error("invoice %d failed %d times; stored as failed", invoice_id, attempt,
-                          exc_info=True, extra=context)
-                return failed_row(invoice_id, exc, attempt)
-            log.warning("invoice %d failed (attempt %d of %d); retrying", invoice_id, attempt,
-                        MAX_ATTEMPTS, exc_info=True, extra=context)
-            time.sleep(RETRY_BACKOFF_S * 2 ** (attempt - 1))
-            attempt += 1
+        except Exception as error:  # one bad invoice never kills the pool
+            exc = error
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Part:
+    """What a consumer hands the writer: ``numbers``, a slice of its chunk in order, and their rows.
+
+    Every number gets a row in ``batch``: processed invoices as flat values, failed ones as full rows.
+    """
+
+    numbers: Chunk
+    batch: Batch
+
+
+WAKE_UP = Part(range(0), Batch())  # the empty part StorageWriter.stop() sends
 
 
 class ConsumerPool:
     """``workers`` consumers in a ThreadPoolExecutor: process each number, hand rows to the writer."""
 
     def __init__(self, processor: Callable[[int], Any], work: WorkQueue,
-                 results: queue.Queue[list[Row]], workers: int, on_fatal: FatalHandler) -> None:
+                 results: queue.Queue[Part], workers: int, on_fatal: FatalHandler) -> None:
         self._processor = processor
         self._work = work
         self._results = results
@@ -249,18 +278,24 @@ class ConsumerPool:
             self._on_fatal(f"consumer {worker}", exc)
 
     def _process_chunk(self, chunk: Chunk, worker: int) -> None:
-        rows: list[Row] = []
+        processor = self._processor
+        ok: list[object] = []
+        failed: list[Row] = []
+        start = done = 0
         handed_at = time.monotonic()
         for number in chunk:
-            rows.append(self._process(number, worker))
+            try:
+                ok += invoice_values(number, processor(number), 1)
+            except Exception as exc:  # one bad invoice never kills the pool
+                retried = Batch.of([retry(processor, number, worker, exc)])
+                ok += retried.ok
+                failed += retried.failed
+            done += 1
             if (now := time.monotonic()) - handed_at >= HANDOFF_S:
-                self._results.put(rows)
-                rows, handed_at = [], now
-        if rows:
-            self._results.put(rows)
-
-    def _process(self, invoice_id: int, worker: int) -> Row:
-        return process_with_retries(self._processor, invoice_id, worker)
+                self._results.put(Part(chunk[start:done], Batch(ok, failed)))
+                ok, failed, start, handed_at = [], [], done, now
+        if done > start:
+            self._results.put(Part(chunk[start:done], Batch(ok, failed)))
 
 
 class StorageWriter:
@@ -270,7 +305,7 @@ class StorageWriter:
     it with each batch, which is what keeps recovery from scanning the whole table.
     """
 
-    def __init__(self, storage: Storage, results: queue.Queue[list[Row]], plan: RecoveryPlan,
+    def __init__(self, storage: Storage, results: queue.Queue[Part], plan: RecoveryPlan,
                  on_fatal: FatalHandler, batch_size: int = WRITER_BATCH) -> None:
         self._storage = storage
         self._results = results
@@ -293,7 +328,7 @@ class StorageWriter:
         """Ask the writer to commit what is queued and end; call it once the consumers have ended."""
         self._stop.set()
         with contextlib.suppress(queue.Full):  # an empty batch wakes it now rather than at its next poll
-            self._results.put_nowait([])
+            self._results.put_nowait(WAKE_UP)
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the thread; True once it has ended."""
@@ -309,13 +344,13 @@ class StorageWriter:
                     if self._stop.is_set():
                         return  # the consumers have ended, so nothing more can arrive
                     continue
-                count = len(parts[0])
+                count = len(parts[0].numbers)
                 while count < self._batch_size:  # whatever else is waiting joins this commit
                     try:
                         parts.append(self._results.get_nowait())
                     except queue.Empty:
                         break
-                    count += len(parts[-1])
+                    count += len(parts[-1].numbers)
                 if count:
                     self._commit(parts)
                 elif self._stop.is_set() and self._results.empty():
@@ -323,21 +358,28 @@ class StorageWriter:
         except BaseException as exc:  # storage failure: end loudly; uncommitted rows are recovered
             self._on_fatal("writer", exc)
 
-    def _commit(self, parts: list[list[Row]]) -> None:
+    def _commit(self, parts: list[Part]) -> None:
         heap = self._stored_above
-        for rows in parts:  # a part from a new chunk is one run of consecutive numbers: one heap entry
-            if not rows:
-                continue  # the empty wake-up list stop() sends
-            first = rows[0][0]
-            if [row[0] for row in rows] == list(range(first, first + len(rows))):
-                heapq.heappush(heap, (first, first + len(rows) - 1))
+        ok: list[object] = []
+        failed: list[Row] = []
+        for part in parts:
+            numbers = part.numbers
+            if not numbers:
+                continue  # the WAKE_UP part stop() sends
+            first, last = numbers[0], numbers[-1]
+            # A part of a new chunk is a range: one run, one heap entry. Recovered numbers come as tuples.
+            if ((isinstance(numbers, range) and numbers.step == 1)
+                    or list(numbers) == list(range(first, last + 1))):
+                heapq.heappush(heap, (first, last))
             else:
-                for row in rows:
-                    heapq.heappush(heap, (row[0], row[0]))
+                for number in numbers:
+                    heapq.heappush(heap, (number, number))
+            ok += part.batch.ok
+            failed += part.batch.failed
         through = self.stored_through
         while heap and heap[0][0] <= through + 1:
             through = max(through, heapq.heappop(heap)[1])
-        batch = list(itertools.chain.from_iterable(parts))
+        batch = Batch(ok, failed)
         self._storage.save_batch(batch, through)
         self.stored_through = through
         self.committed_total += len(batch)
