@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from invoicer.config import DEFAULT_PROCESSOR, MAX_WORKERS, Config, ConfigError, load_config
+from invoicer.config import (
+    DEFAULT_PROCESSOR,
+    MAX_WORKERS,
+    Config,
+    ConfigError,
+    cpu_list,
+    load_config,
+    resolve_consumer_cpu,
+)
 from tests.conftest import daemon_env
 
 BAD_VALUES = [
@@ -36,6 +45,9 @@ BAD_VALUES = [
     ("INVOICER_PROCESSOR", "missing-attribute", "invoicer.processing:nothing_here"),
     ("INVOICER_PROCESSOR", "not-callable", "invoicer.processing:CURRENCY"),
     ("INVOICER_PROCESSOR", "import-raises", "tests.plugins.broken_import:process"),
+    ("INVOICER_CONSUMER_CPU", "not-a-number", "first"),
+    ("INVOICER_CONSUMER_CPU", "negative", "-1"),
+    ("INVOICER_CONSUMER_CPU", "not-allowed", str(max(os.sched_getaffinity(0)) + 1)),
 ]
 
 
@@ -52,10 +64,41 @@ def test_valid_values_are_taken() -> None:
     config = load_config({
         "INVOICER_WORKERS": "8", "INVOICER_QUEUE_SIZE": "100", "INVOICER_DATABASE": "/srv/x.db",
         "INVOICER_PROCESSOR": "tests.plugins.processors:echo", "INVOICER_PROCESSING_DELAY_MS": "0",
-        "INVOICER_STATUS_INTERVAL": "0.5", "INVOICER_LOG_LEVEL": "debug"})
+        "INVOICER_STATUS_INTERVAL": "0.5", "INVOICER_LOG_LEVEL": "debug",
+        "INVOICER_CONSUMER_CPU": f" {max(os.sched_getaffinity(0))} "})
     assert config == Config(workers=8, queue_size=100, database=Path("/srv/x.db"),
                             processor="tests.plugins.processors:echo", processing_delay_ms=0.0,
-                            status_interval=0.5, log_level="DEBUG")
+                            status_interval=0.5, log_level="DEBUG",
+                            consumer_cpu=str(max(os.sched_getaffinity(0))))
+
+
+@pytest.mark.parametrize(("value", "setting"), [("AUTO", "auto"), ("None", "none"), ("", "auto")])
+def test_consumer_cpu_words_are_normalised(value: str, setting: str) -> None:
+    """INVOICER_CONSUMER_CPU takes auto and none in any case; empty means auto."""
+    assert load_config({"INVOICER_CONSUMER_CPU": value}).consumer_cpu == setting
+
+
+@pytest.mark.parametrize(("setting", "allowed", "cpu"), [
+    ("auto", {2, 3, 5}, 2), ("auto", {7}, None), ("none", {0, 1}, None), ("3", {1, 3}, 3)])
+def test_consumer_cpu_resolves_against_the_allowed_cpus(setting: str, allowed: set[int],
+                                                        cpu: int | None) -> None:
+    """Setting auto pins to the lowest allowed CPU unless it is the only one; none never pins."""
+    assert resolve_consumer_cpu(setting, allowed) == cpu
+
+
+def test_a_cpu_outside_the_affinity_names_the_allowed_ones() -> None:
+    """The refusal lists the CPUs the process may use, as the kernel writes them."""
+    allowed = os.sched_getaffinity(0)
+    with pytest.raises(ConfigError, match="is not a CPU this process may use") as caught:
+        load_config({"INVOICER_CONSUMER_CPU": str(max(allowed) + 1)})
+    assert f"({cpu_list(allowed)})" in str(caught.value)
+
+
+@pytest.mark.parametrize(("cpus", "text"), [({5}, "5"), ({0, 1, 2, 3, 8}, "0-3,8"), ({4, 0, 2}, "0,2,4"),
+                                            ({1, 2, 6, 7}, "1-2,6-7")])
+def test_cpu_lists_are_written_as_the_kernel_writes_them(cpus: set[int], text: str) -> None:
+    """CPU sets read like /sys/devices/system/cpu/online: ranges joined by commas."""
+    assert cpu_list(cpus) == text
 
 
 def test_state_directory_holds_the_default_database() -> None:

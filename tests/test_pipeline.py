@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -184,6 +186,48 @@ def test_slow_invoices_reach_the_writer_one_by_one(monkeypatch: pytest.MonkeyPat
     assert (list(second.numbers), [row[0] for row in second.batch.rows()]) == ([2], [2])
     work.put_sentinel()
     assert pool.join(10)
+
+
+@pytest.mark.parametrize("pinned", [True, False])
+def test_consumers_run_on_the_cpu_they_are_pinned_to(pinned: bool) -> None:
+    """Every consumer thread runs on the pool's CPU; other threads keep the process's CPUs."""
+    allowed = os.sched_getaffinity(0)
+    cpu = max(allowed) if pinned else None
+    seen: list[set[int]] = []
+
+    def records_affinity(invoice_id: int) -> object:
+        seen.append(os.sched_getaffinity(0))
+        return build_invoice(invoice_id)
+
+    work = WorkQueue(100)
+    results: queue.Queue[Part] = queue.Queue()
+    pool = ConsumerPool(records_affinity, work, results, 4, lambda *_: None, cpu=cpu)
+    pool.start()
+    for start in range(1, 41, 4):
+        work.put(range(start, start + 4))
+    pool.retire_all()
+    assert pool.join(30)
+    assert len(seen) == 40
+    assert all(cpus == ({cpu} if pinned else allowed) for cpus in seen)
+    assert os.sched_getaffinity(0) == allowed  # the main thread is not pinned with them
+
+
+def test_a_cpu_taken_away_leaves_consumers_unpinned(caplog: pytest.LogCaptureFixture) -> None:
+    """A CPU the pool cannot use (here: one that does not exist) is logged once; every number is processed."""
+    absent = max(os.sched_getaffinity(0)) + 1
+    work = WorkQueue(100)
+    results: queue.Queue[Part] = queue.Queue()
+    pool = ConsumerPool(build_invoice, work, results, 3, lambda *_: None, cpu=absent)
+    with caplog.at_level(logging.WARNING, logger="invoicer"):
+        pool.start()
+        work.put(range(1, 31))
+        pool.retire_all()
+        assert pool.join(30)
+    assert pool.cpu is None
+    warnings = [r.getMessage() for r in caplog.records if "not pinned" in r.getMessage()]
+    assert len(warnings) == 1
+    assert f"CPU {absent} cannot be used" in warnings[0]
+    assert sum(len(results.get_nowait().numbers) for _ in range(results.qsize())) == 30
 
 
 def test_resize_grows_and_shrinks_without_losing_numbers() -> None:

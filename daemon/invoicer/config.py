@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ class Config:
     processing_delay_ms: float = 5.0
     status_interval: float = 1.0
     log_level: str = "INFO"
+    consumer_cpu: str = "auto"  # "auto", "none" or a CPU number; see resolve_consumer_cpu()
 
     def summary(self) -> dict[str, Any]:
         """Return the settings as a JSON-friendly dict for the start-up log record."""
@@ -81,6 +82,49 @@ def _log_level(env: Mapping[str, str]) -> str:
         raise ConfigError(f"INVOICER_LOG_LEVEL={raw!r} is not a log level; expected one of "
                           f"{', '.join(LOG_LEVELS)}")
     return raw.upper()
+
+
+def cpu_list(cpus: Collection[int]) -> str:
+    """Write CPU numbers as the kernel does (0-3,8)."""
+    ordered = sorted(cpus)
+    spans: list[str] = []
+    start = previous = ordered[0]
+    for cpu in [*ordered[1:], None]:
+        if cpu is not None and cpu == previous + 1:
+            previous = cpu
+            continue
+        spans.append(str(start) if start == previous else f"{start}-{previous}")
+        if cpu is not None:
+            start = previous = cpu
+    return ",".join(spans)
+
+
+def _consumer_cpu(env: Mapping[str, str], allowed: Collection[int]) -> str:
+    raw = env.get("INVOICER_CONSUMER_CPU", "").strip()
+    if raw.lower() in ("", "auto", "none"):
+        return raw.lower() or "auto"
+    accepted = f"auto, none, or a CPU this process may use ({cpu_list(allowed)})"
+    try:
+        cpu = int(raw, 10)
+    except ValueError:
+        raise ConfigError(f"INVOICER_CONSUMER_CPU={raw!r} is not a CPU number; expected {accepted}") from None
+    if cpu not in allowed:
+        raise ConfigError(f"INVOICER_CONSUMER_CPU={raw!r} is not a CPU this process may use; "
+                          f"expected {accepted}")
+    return str(cpu)
+
+
+def resolve_consumer_cpu(setting: str, allowed: Collection[int]) -> int | None:
+    """Return the CPU to pin consumer threads to (None: leave them to the scheduler).
+
+    ``auto`` takes the lowest CPU of ``allowed`` (the process's affinity, which systemd's CPUAffinity=
+    sets), or None if that is the only one; ``none`` is None; a number is that CPU.
+    """
+    if setting == "none":
+        return None
+    if setting == "auto":
+        return min(allowed) if len(allowed) > 1 else None
+    return int(setting)
 
 
 def database_path(env: Mapping[str, str]) -> Path:
@@ -135,6 +179,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         status_interval=_number(env, "INVOICER_STATUS_INTERVAL", Config.status_interval,
                                 0, MAX_STATUS_INTERVAL, low_inclusive=False),
         log_level=_log_level(env),
+        consumer_cpu=_consumer_cpu(env, os.sched_getaffinity(0)),
     )
 
 

@@ -23,6 +23,7 @@ from invoicer.config import (
     environment_file,
     load_config,
     read_environment_file,
+    resolve_consumer_cpu,
 )
 from invoicer.generator import MAX_BLOCK_SIZE, InvoiceNumberGenerator
 from invoicer.notify import Notifier, watchdog_interval
@@ -97,7 +98,8 @@ class Daemon:
         self._producer.start()
         self._notifier.ready(status_line(self._snapshot(), 0.0))
         self._observer.start()
-        log.info("ready", extra={"workers": self.config.workers, "database": str(self.config.database)})
+        log.info("ready", extra={"workers": self.config.workers, "database": str(self.config.database),
+                                 "consumer_cpu": self._pool.cpu})
         self._record_reload(ok=True, message="started")
         return self._main_loop()
 
@@ -110,7 +112,8 @@ class Daemon:
         self._generator = InvoiceNumberGenerator(self._storage, plan.high_water,
                                                  max_block_size=MAX_BLOCK_SIZE)
         self._pool = ConsumerPool(self._processor, self._work, self._results, config.workers,
-                                  self._on_fatal)
+                                  self._on_fatal,
+                                  cpu=resolve_consumer_cpu(config.consumer_cpu, os.sched_getaffinity(0)))
         self._producer = Producer(self._generator, self._work, plan.missing,
                                   lambda: chunk_for(self._pool.invoice_seconds, largest), self._on_fatal)
         self._writer = StorageWriter(self._storage, self._results, plan, self._on_fatal)

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import heapq
 import logging
+import os
 import queue
 import threading
 import time
@@ -202,7 +203,8 @@ class ConsumerPool:
     """``workers`` consumers in a ThreadPoolExecutor: process each number, hand rows to the writer."""
 
     def __init__(self, processor: Callable[[int], Any], work: WorkQueue,
-                 results: queue.Queue[Part], workers: int, on_fatal: FatalHandler) -> None:
+                 results: queue.Queue[Part], workers: int, on_fatal: FatalHandler,
+                 *, cpu: int | None = None) -> None:
         self._processor = processor
         self._work = work
         self._results = results
@@ -219,6 +221,12 @@ class ConsumerPool:
         # under the GIL), read by the producer to size chunks.
         self.invoice_seconds = 0.0
         self.gate = ConcurrencyGate(workers)  # how many loops process at once (CPU-bound work: few)
+        # The CPU every consumer thread is pinned to (None: not pinned). Only one of them runs Python at
+        # a time, and handing the GIL to a thread on the same CPU is a plain context switch rather than
+        # a wake-up on another CPU; the writer (whose SQLite work runs outside the GIL) and the producer
+        # keep the other CPUs. Set to None by the first loop that finds the CPU unusable.
+        self.cpu = cpu
+        self._pin_lock = threading.Lock()  # Rule: guards the change of cpu to None, and its warning
 
     def start(self) -> None:
         """Start ``workers`` consumer loops."""
@@ -262,6 +270,7 @@ class ConsumerPool:
         gate = self.gate
         chunks = 0
         try:
+            self._pin()
             gate.acquire()
             try:
                 while (chunk := self._work.get()) is not None:
@@ -280,6 +289,19 @@ class ConsumerPool:
                 gate.release()
         except BaseException as exc:  # a broken loop (not a broken invoice) ends the process loudly
             self._on_fatal(f"consumer {worker}", exc)
+
+    def _pin(self) -> None:
+        cpu = self.cpu
+        if cpu is None:
+            return
+        try:
+            os.sched_setaffinity(0, {cpu})  # 0: the calling thread only
+        except OSError as exc:  # e.g. the cgroup's cpuset lost that CPU after start-up
+            with self._pin_lock:
+                first, self.cpu = self.cpu is not None, None
+            if first:
+                log.warning("consumer threads are not pinned: CPU %d cannot be used (%s)", cpu,
+                            exc.strerror, extra={"cpu": cpu})
 
     def _process_chunk(self, chunk: Chunk, worker: int) -> None:
         processor = self._processor
