@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
 import signal
 import subprocess
@@ -74,6 +75,28 @@ def test_sigint_drains_too(tmp_path: Path, start_daemon: StartDaemon) -> None:
     code, output = daemon.wait()
     assert code == 0, output
     assert "SIGINT received: draining" in messages(output)
+    assert_gap_free(database)
+
+
+def test_consumer_threads_share_the_configured_cpu(tmp_path: Path, start_daemon: StartDaemon) -> None:
+    """INVOICER_CONSUMER_CPU pins a real daemon's consumer threads, and only them; `ready` names the CPU."""
+    allowed = os.sched_getaffinity(0)
+    cpu = max(allowed)
+    database = tmp_path / "invoices.db"
+    daemon = start_daemon(database, INVOICER_WORKERS="3", INVOICER_PROCESSING_DELAY_MS="1",
+                          INVOICER_CONSUMER_CPU=str(cpu))
+    daemon.wait_stored(300)
+    pid = daemon.process.pid
+    masks = {int(task.name): os.sched_getaffinity(int(task.name))
+             for task in Path(f"/proc/{pid}/task").iterdir()}
+    daemon.signal(signal.SIGTERM)
+    code, output = daemon.wait()
+    assert code == 0, output
+    assert masks[pid] == allowed  # the main thread
+    pinned = [tid for tid, mask in masks.items() if mask == {cpu}]
+    assert len(pinned) == (3 if len(allowed) > 1 else len(masks))
+    ready = [r for r in records(output) if r["message"] == "ready"]
+    assert ready[0]["consumer_cpu"] == cpu
     assert_gap_free(database)
 
 
