@@ -24,7 +24,8 @@ def _parser() -> argparse.ArgumentParser:
         description="A systemd-native daemon that numbers, processes and stores invoices without gaps.",
         epilog="Configuration comes from the environment (INVOICER_WORKERS, INVOICER_QUEUE_SIZE, "
                "INVOICER_DATABASE, INVOICER_PROCESSOR, INVOICER_PROCESSING_DELAY_MS, "
-               "INVOICER_STATUS_INTERVAL, INVOICER_LOG_LEVEL); see invoicer(8) and the README.")
+               "INVOICER_STATUS_INTERVAL, INVOICER_LOG_LEVEL, INVOICER_CONSUMER_CPU); see invoicer(8) and "
+               "the README.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("run", help="run the daemon in the foreground until SIGTERM or SIGINT",
