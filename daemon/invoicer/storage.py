@@ -125,6 +125,7 @@ class Batch:
     def __len__(self) -> int:
         return len(self.ok) // OK_WIDTH + len(self.failed)
 
+
 WAL_MAGICS = (0x377F0682, 0x377F0683)  # sqlite.org/fileformat2.html#walformat; bit 0: big-endian sums
 WAL_VERSION = 3007000
 WAL_HEADER = 32
