@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from invoicer.config import resolve_consumer_cpu
 from tests.conftest import REPO, assert_gap_free, require, table_facts
 from tests.systemd_harness import UserManager, missing_requirements
 
@@ -162,7 +164,12 @@ def test_start_reports_ready_status_and_logs_to_the_journal(manager: UserManager
         record = json.loads(entry["MESSAGE"])
         expected = {"DEBUG": "7", "INFO": "6", "WARNING": "4", "ERROR": "3", "CRITICAL": "2"}[record["level"]]
         assert entry["PRIORITY"] == expected
-    assert any(json.loads(e["MESSAGE"])["message"] == "ready" for e in mine)
+    records = [json.loads(e["MESSAGE"]) for e in mine]
+    ready = [r for r in records if r["message"] == "ready"]
+    assert ready
+    # The unit's system call filter lets the consumer threads pin themselves (INVOICER_CONSUMER_CPU=auto).
+    assert ready[0]["consumer_cpu"] == resolve_consumer_cpu("auto", os.sched_getaffinity(int(pid)))
+    assert not [r for r in records if "not pinned" in r["message"]]
 
 
 def test_restart_applies_a_new_worker_count(manager: UserManager) -> None:
