@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import itertools
 import os
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
@@ -86,16 +87,11 @@ def _log_level(env: Mapping[str, str]) -> str:
 
 def cpu_list(cpus: Collection[int]) -> str:
     """Write CPU numbers as the kernel does (0-3,8)."""
-    ordered = sorted(cpus)
-    spans: list[str] = []
-    start = previous = ordered[0]
-    for cpu in [*ordered[1:], None]:
-        if cpu is not None and cpu == previous + 1:
-            previous = cpu
-            continue
-        spans.append(str(start) if start == previous else f"{start}-{previous}")
-        if cpu is not None:
-            start = previous = cpu
+    spans = []
+    # Consecutive CPUs share the difference between the CPU and its position in the sorted list.
+    for _, run in itertools.groupby(enumerate(sorted(cpus)), lambda pair: pair[1] - pair[0]):
+        numbers = [cpu for _, cpu in run]
+        spans.append(str(numbers[0]) if len(numbers) == 1 else f"{numbers[0]}-{numbers[-1]}")
     return ",".join(spans)
 
 
