@@ -45,6 +45,10 @@ BAD_VALUES = [
     ("INVOICER_PROCESSOR", "missing-attribute", "invoicer.processing:nothing_here"),
     ("INVOICER_PROCESSOR", "not-callable", "invoicer.processing:CURRENCY"),
     ("INVOICER_PROCESSOR", "import-raises", "tests.plugins.broken_import:process"),
+    ("INVOICER_INVOICE_TIMEOUT", "zero", "0"),
+    ("INVOICER_INVOICE_TIMEOUT", "negative", "-5"),
+    ("INVOICER_INVOICE_TIMEOUT", "not-a-number", "a minute"),
+    ("INVOICER_INVOICE_TIMEOUT", "too-long", "86401"),
     ("INVOICER_CONSUMER_CPU", "not-a-number", "first"),
     ("INVOICER_CONSUMER_CPU", "negative", "-1"),
     ("INVOICER_CONSUMER_CPU", "not-allowed", str(max(os.sched_getaffinity(0)) + 1)),
@@ -65,16 +69,16 @@ def test_valid_values_are_taken() -> None:
         "INVOICER_WORKERS": "8", "INVOICER_QUEUE_SIZE": "100", "INVOICER_DATABASE": "/srv/x.db",
         "INVOICER_PROCESSOR": "tests.plugins.processors:echo", "INVOICER_PROCESSING_DELAY_MS": "0",
         "INVOICER_STATUS_INTERVAL": "0.5", "INVOICER_LOG_LEVEL": "debug",
-        "INVOICER_CONSUMER_CPU": f" {max(os.sched_getaffinity(0))} "})
+        "INVOICER_CONSUMER_CPU": f" {max(os.sched_getaffinity(0))} ", "INVOICER_INVOICE_TIMEOUT": "2.5"})
     assert config == Config(workers=8, queue_size=100, database=Path("/srv/x.db"),
                             processor="tests.plugins.processors:echo", processing_delay_ms=0.0,
                             status_interval=0.5, log_level="DEBUG",
-                            consumer_cpu=str(max(os.sched_getaffinity(0))))
+                            consumer_cpu=str(max(os.sched_getaffinity(0))), invoice_timeout=2.5)
 
 
-@pytest.mark.parametrize(("value", "setting"), [("AUTO", "auto"), ("None", "none"), ("", "auto")])
+@pytest.mark.parametrize(("value", "setting"), [("AUTO", "auto"), ("None", "none"), ("", "none")])
 def test_consumer_cpu_words_are_normalised(value: str, setting: str) -> None:
-    """INVOICER_CONSUMER_CPU takes auto and none in any case; empty means auto."""
+    """INVOICER_CONSUMER_CPU takes auto and none in any case; empty means none (no pinning)."""
     assert load_config({"INVOICER_CONSUMER_CPU": value}).consumer_cpu == setting
 
 

@@ -101,10 +101,10 @@ def test_consumer_threads_share_the_configured_cpu(tmp_path: Path, start_daemon:
 
 
 def test_watchdog_pings_at_half_the_interval(tmp_path: Path, start_daemon: StartDaemon) -> None:
-    """With WATCHDOG_USEC=2s and no WATCHDOG_PID, a busy daemon pings about every second."""
+    """With WATCHDOG_USEC=2s, no WATCHDOG_PID and rare STATUS=, a busy daemon still pings every second."""
     database = tmp_path / "invoices.db"
     daemon = start_daemon(database, INVOICER_WORKERS="4", INVOICER_PROCESSING_DELAY_MS="1",
-                          WATCHDOG_USEC="2000000")
+                          WATCHDOG_USEC="2000000", INVOICER_STATUS_INTERVAL="30")
     daemon.wait_ready()
     assert daemon.notify is not None
     arrivals = []

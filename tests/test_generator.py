@@ -103,7 +103,7 @@ def test_durable_mark_covers_every_number_across_crashes(tmp_path_factory: pytes
         storage.open()
         plan = storage.recovery_plan()
         assert all(n <= plan.high_water for n in handed_out)
-        assert set(plan.missing) == set(range(1, plan.high_water + 1))  # nothing was ever stored
+        assert plan.missing == ((range(1, plan.high_water + 1),) if plan.high_water else ())  # none stored
         generator = InvoiceNumberGenerator(storage, plan.high_water, block_size=block)
         for step, limit in enumerate(takes):
             if step == crash_after:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from invoicer.notify import Notifier
-from invoicer.observer import EXTEND_STOP_S, LOG_INTERVAL_S, Observer, Snapshot, status_line
+from invoicer.observer import EXTEND_MARGIN_S, LOG_INTERVAL_S, MAX_TICK_S, Observer, Snapshot, status_line
 
 
 class RecordingNotifier(Notifier):
@@ -59,6 +59,23 @@ def test_status_line_format() -> None:
     assert status_line(dataclasses.replace(snap, admitted=8), 1.0).endswith("queue 512")
 
 
+@pytest.mark.parametrize(("changes", "expected"), [
+    ({"paused": "ConnectionError: refused"},
+     "paused: ConnectionError: refused; 8 workers, 0 invoices/s, 1,234,567 stored, queue 512"),
+    ({"problem": "storage: a commit has not finished for 12s"},
+     "running, stalled: storage: a commit has not finished for 12s; 8 workers, 0 invoices/s, "
+     "1,234,567 stored, queue 512"),
+    ({"abandoned": 3},
+     "running: 8 workers, 0 invoices/s, 1,234,567 stored, queue 512, 3 hung calls abandoned"),
+    ({"state": "draining", "pending": 5, "paused": "TimeoutError"},
+     "draining, paused: TimeoutError; 5 left, 8 workers, 0 invoices/s, 1,234,567 stored, queue 512"),
+], ids=["paused", "stalled", "abandoned", "draining-paused"])
+def test_status_line_says_what_is_wrong(changes: dict[str, Any], expected: str) -> None:
+    """A pause names its error, a stall its cause, and abandoned calls are counted, on the one line."""
+    assert status_line(dataclasses.replace(Snapshot("running", 8, 1234567, 10, 3, 512), **changes),
+                       0.0) == expected
+
+
 def test_status_sent_once_per_interval() -> None:
     """Ticks more often than the interval send STATUS only when the interval has passed."""
     observer, _pipeline, notifier = make(status_interval=1.0)
@@ -79,31 +96,72 @@ def test_rate_is_committed_rows_per_second() -> None:
     assert observer.rate == pytest.approx(1000.0)
 
 
-def test_watchdog_pings_at_half_interval_while_progressing() -> None:
-    """With progress, WATCHDOG=1 goes out every half WATCHDOG_USEC, not more often."""
+def test_watchdog_decided_on_every_tick_while_healthy() -> None:
+    """Healthy, WATCHDOG=1 goes out on every tick, and ticks come at least every half WATCHDOG_USEC."""
     observer, pipeline, notifier = make(watchdog=2.0, status_interval=5.0)
     assert observer.tick_interval == 1.0
     for second in range(6):
         pipeline.advance(10, pending=5)
         observer.tick(float(second))
         observer.tick(second + 0.5)
-    assert notifier.sent.count("WATCHDOG=1") == 6
+    assert notifier.sent.count("WATCHDOG=1") == 12
 
 
-def test_watchdog_withheld_when_stuck_with_work_pending(caplog: pytest.LogCaptureFixture) -> None:
-    """No commit since the last ping while work is pending: no ping, one warning; progress resumes it."""
+def test_watchdog_withheld_while_the_pipeline_has_a_problem(caplog: pytest.LogCaptureFixture) -> None:
+    """A problem withholds pings from the next tick on, with one warning naming it; health resumes them."""
     observer, pipeline, notifier = make(watchdog=2.0)
     pipeline.advance(10, pending=64)
     observer.tick(0.0)
+    pipeline.advance(problem="storage: a commit has not finished for 12s")
     with caplog.at_level(logging.WARNING, logger="invoicer"):
         observer.tick(1.0)
         observer.tick(2.0)
         observer.tick(3.0)
     assert notifier.sent.count("WATCHDOG=1") == 1
-    assert len([r for r in caplog.records if "withholding watchdog" in r.getMessage()]) == 1
-    pipeline.advance(1)
+    warnings = [r.getMessage() for r in caplog.records if "withholding watchdog" in r.getMessage()]
+    assert warnings == ["pipeline stalled: storage: a commit has not finished for 12s; "
+                        "withholding watchdog pings"]
+    pipeline.advance(1, problem="")
     observer.tick(4.0)
     assert notifier.sent.count("WATCHDOG=1") == 2
+
+
+def test_watchdog_pings_while_paused_by_an_outage() -> None:
+    """Paused intake is a legitimate standstill: pings go on, STATUS says paused and names the error."""
+    observer, pipeline, notifier = make(watchdog=2.0)
+    pipeline.advance(0, pending=32, paused="ConnectionError: refused")
+    for second in range(3):
+        observer.tick(float(second))
+    assert notifier.sent.count("WATCHDOG=1") == 3
+    assert notifier.sent[0].startswith("STATUS=paused: ConnectionError: refused; 8 workers")
+
+
+def test_housekeeping_runs_before_every_sample() -> None:
+    """Each tick first does the housekeeping (deadlines, health) with its time, then samples."""
+    pipeline = FakePipeline()
+    calls: list[float] = []
+
+    def housekeeping(now: float) -> None:
+        calls.append(now)
+        pipeline.advance(problem=f"seen at {now:g}")
+
+    observer = Observer(lambda: pipeline.snapshot, RecordingNotifier(), 1.0, None, housekeeping=housekeeping)
+    assert observer.tick(3.0).problem == "seen at 3"
+    assert calls == [3.0]
+
+
+def test_an_observer_that_fails_reports_it() -> None:
+    """An exception in a tick ends the observer thread through the fatal handler, not silently."""
+    failures: list[tuple[str, BaseException]] = []
+
+    def broken() -> Snapshot:
+        raise RuntimeError("broken sample")
+
+    observer = Observer(broken, RecordingNotifier(), 0.01, None,
+                        on_fatal=lambda where, exc: failures.append((where, exc)))
+    observer.start()
+    assert observer.join(5)
+    assert [(where, str(exc)) for where, exc in failures] == [("observer", "broken sample")]
 
 
 def test_watchdog_pings_when_idle_for_an_innocent_reason() -> None:
@@ -123,19 +181,18 @@ def test_no_watchdog_without_watchdog_usec() -> None:
     assert "WATCHDOG=1" not in notifier.sent
 
 
-def test_drain_extends_the_stop_timeout_only_while_progressing() -> None:
-    """Draining with progress sends EXTEND_TIMEOUT_USEC; a stalled drain sends none."""
-    observer, pipeline, notifier = make()
-    extend = f"EXTEND_TIMEOUT_USEC={int(EXTEND_STOP_S * 1_000_000)}"
+def test_drain_extends_the_stop_timeout_only_while_healthy() -> None:
+    """Draining and healthy, each tick asks for the next tick plus a margin; a stalled drain asks nothing."""
+    observer, pipeline, notifier = make(status_interval=3600.0)
+    extend = f"EXTEND_TIMEOUT_USEC={int((observer.tick_interval + EXTEND_MARGIN_S) * 1_000_000)}"
+    assert observer.tick_interval == MAX_TICK_S
     observer.tick(0.0)
     pipeline.advance(5, state="draining", pending=100)
     observer.tick(1.0)
-    assert notifier.sent.count(extend) == 1
-    observer.tick(2.0)
+    observer.tick(2.0)  # nothing committed, calls under way: still healthy
+    assert notifier.sent.count(extend) == 2
+    pipeline.advance(problem="storage: a commit has not finished for 11s")
     observer.tick(3.0)
-    assert notifier.sent.count(extend) == 1
-    pipeline.advance(5)
-    observer.tick(4.0)
     assert notifier.sent.count(extend) == 2
 
 

@@ -7,6 +7,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
@@ -14,8 +15,11 @@ from typing import Any
 import pytest
 
 from invoicer import pipeline
+from invoicer.gate import SAMPLES
 from invoicer.generator import InvoiceNumberGenerator
-from invoicer.pipeline import ConsumerPool, Part, Producer, chunk_for, invoice_row, max_chunk
+from invoicer.outage import OutageBreaker
+from invoicer.pipeline import ConsumerPool, Part, Producer, chunk_for, consumers, invoice_row, max_chunk
+from invoicer.pipeline.consumers import LONG_CALL_S
 from invoicer.processing import build_invoice
 from invoicer.storage import Row
 from invoicer.workqueue import WorkQueue
@@ -30,9 +34,9 @@ def test_largest_chunk_keeps_several_in_the_queue() -> None:
 
 
 @pytest.mark.parametrize(("seconds", "expected"), [
-    (0.0, 64), (0.00001, 64), (0.001, 50), (0.005, 10), (0.1, 1), (30.0, 1)])
+    (0.0, 1), (0.00001, 64), (0.001, 50), (0.005, 10), (0.1, 1), (30.0, 1)])
 def test_chunk_follows_the_invoice_time(seconds: float, expected: int) -> None:
-    """A chunk is about CHUNK_TARGET_S of work: fast invoices travel 64 at a time, slow ones singly."""
+    """A chunk is about CHUNK_TARGET_S of work: 64 fast invoices, or one slow (or not yet timed) one."""
     assert chunk_for(seconds, 64) == expected
 
 
@@ -40,7 +44,8 @@ def test_producer_sends_recovered_numbers_first_then_new_ones() -> None:
     """Recovered numbers go on the queue before any new number, each exactly once."""
     work = WorkQueue(100)
     generator = InvoiceNumberGenerator(CountingReserver(10), 10, block_size=4)
-    producer = Producer(generator, work, [3, 7, 9], lambda: 2, lambda *_: None)
+    producer = Producer(generator, work, [range(3, 4), range(7, 8), range(9, 10)], lambda: 2,
+                        lambda *_: None, breaker=OutageBreaker())
     producer.start()
     seen: list[int] = []
     while len(seen) < 12:
@@ -65,7 +70,7 @@ def test_producer_blocks_on_a_full_queue_and_gives_back_on_stop() -> None:
             producer.stop()
         return 5
 
-    producer = Producer(generator, work, [], chunk, lambda *_: None)
+    producer = Producer(generator, work, [], chunk, lambda *_: None, breaker=OutageBreaker())
     producer.start()
     assert producer.join(5)
     assert work.depth() == 10
@@ -165,7 +170,7 @@ def test_valid_invoice_becomes_a_row() -> None:
 
 def test_slow_invoices_reach_the_writer_one_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
     """A finished row is handed to the writer while the rest of its chunk is still being processed."""
-    monkeypatch.setattr(pipeline, "HANDOFF_S", 0.0)
+    monkeypatch.setattr(consumers, "HANDOFF_S", 0.0)
     release = threading.Event()
 
     def blocks_on_two(invoice_id: int) -> object:
@@ -252,3 +257,105 @@ def test_resize_grows_and_shrinks_without_losing_numbers() -> None:
     while not results.empty():
         seen.extend(row[0] for row in results.get_nowait().batch.rows())
     assert sorted(seen) == list(range(1, 901))
+
+
+def hung_pool(hang: set[int], workers: int, *, timeout: float = 5.0
+              ) -> tuple[ConsumerPool, WorkQueue, queue.Queue[Part], threading.Event, list[int]]:
+    """A pool whose processor blocks on the numbers in ``hang`` until the returned event is set."""
+    release = threading.Event()
+    entered: list[int] = []
+
+    def processor(invoice_id: int) -> object:
+        if invoice_id in hang:
+            entered.append(invoice_id)
+            release.wait(60)
+        return build_invoice(invoice_id)
+
+    work = WorkQueue(100)
+    results: queue.Queue[Part] = queue.Queue()
+    pool = ConsumerPool(processor, work, results, workers, lambda *_: None, timeout=timeout)
+    pool.start()
+    return pool, work, results, release, entered
+
+
+def wait_entered(entered: list[int], count: int) -> None:
+    """Block until ``count`` hung calls have begun (the calls record themselves)."""
+    deadline = time.monotonic() + 10
+    while len(entered) < count:  # the processor's own list: polled, as the pool offers no event for it
+        assert time.monotonic() < deadline, entered
+        time.sleep(0.005)
+
+
+def collect(results: queue.Queue[Part], count: int) -> dict[int, Row]:
+    """Take parts until ``count`` rows arrived; return them by number (each number once)."""
+    rows: dict[int, Row] = {}
+    while len(rows) < count:
+        for row in results.get(timeout=10).batch.rows():
+            assert row[0] not in rows
+            rows[row[0]] = row
+    return rows
+
+
+def test_a_call_past_its_deadline_is_given_up_and_the_rest_goes_on() -> None:
+    """A hung call is stored failed (timed out), the rest of its chunk processed, the pool keeps its size."""
+    pool, work, results, release, entered = hung_pool({3}, workers=1, timeout=5.0)
+    work.put(range(1, 9))
+    wait_entered(entered, 1)
+    pool.reap(time.monotonic() + 4.9)  # not yet past the deadline: nothing happens
+    assert pool.abandoned == 0
+    pool.reap(time.monotonic() + 5.1)
+    rows = collect(results, 8)
+    assert sorted(rows) == list(range(1, 9))
+    assert rows[3][1] == "failed"
+    assert "did not return within 5s" in (rows[3][8] or "")
+    assert all(rows[n][1] == "ok" for n in (1, 2, 4, 5, 6, 7, 8))
+    assert (pool.abandoned, pool.workers, pool.timed_out_total) == (1, 1, 1)
+    release.set()  # the stuck call returns at last: its result is discarded, no second row
+    work.put_sentinel()
+    assert pool.join(10)
+    deadline = time.monotonic() + 10
+    while pool.abandoned:  # the released thread's own bookkeeping: polled, it signals nothing
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert results.empty()
+
+
+def test_hung_calls_do_not_hold_gate_places() -> None:
+    """With the gate admitting one consumer, long calls are lent places, so the other work still flows."""
+    pool, work, results, release, entered = hung_pool({1, 2}, workers=4, timeout=60.0)
+    for _ in range(SAMPLES):  # CPU-bound measurements: the gate admits one consumer at a time
+        pool.gate.report(1.0, 1.0)
+    assert pool.gate.limit == 1
+    work.put([1])
+    wait_entered(entered, 1)
+    work.put([2])
+    work.put(range(3, 11))
+    pool.reap(time.monotonic() + LONG_CALL_S)  # call 1 runs long: a place is lent
+    wait_entered(entered, 2)
+    pool.reap(time.monotonic() + LONG_CALL_S)  # both run long: two places lent
+    assert sorted(collect(results, 8)) == list(range(3, 11))
+    release.set()
+    pool.retire_all()
+    assert pool.join(10)
+    assert sorted(collect(results, 2)) == [1, 2]
+
+
+def test_more_hung_calls_than_workers_make_a_sick_pool() -> None:
+    """Beyond `workers` abandoned calls no fresh loop is started; one comes back when a call returns."""
+    pool, work, results, release, entered = hung_pool({1, 2, 3}, workers=2, timeout=1.0)
+    work.put([1])
+    work.put([2])
+    wait_entered(entered, 2)
+    pool.reap(time.monotonic() + 2)
+    work.put([3])
+    wait_entered(entered, 3)
+    pool.reap(time.monotonic() + 2)
+    assert pool.abandoned == 3
+    assert pool.calls(time.monotonic()) == (0, 0.0)  # nobody is left to call: the pool is sick
+    work.put(range(4, 7))
+    release.set()
+    rows = collect(results, 6)
+    assert [rows[n][1] for n in (1, 2, 3)] == ["failed"] * 3
+    assert [rows[n][1] for n in (4, 5, 6)] == ["ok"] * 3
+    pool.retire_all()
+    assert pool.join(10)

@@ -37,6 +37,16 @@ def batch(numbers: list[int] | range) -> Batch:
     return Batch.of(rows(numbers))
 
 
+def flat(ranges: tuple[range, ...]) -> list[int]:
+    """The numbers of a plan's missing ranges, in order."""
+    return [number for numbers in ranges for number in numbers]
+
+
+def above(plan: RecoveryPlan) -> list[int]:
+    """The numbers a plan's runs say are stored above stored_through."""
+    return [number for first, last in plan.runs for number in range(first, last + 1)]
+
+
 def stored_rows(path: Path) -> list[tuple[object, ...]]:
     """Every row of the invoices table, by number."""
     connection = sqlite3.connect(path)
@@ -77,17 +87,17 @@ def test_reserve_is_durable(tmp_path: Path) -> None:
     plan = second.recovery_plan()
     second.close()
     assert plan.high_water == 15
-    assert plan.missing == tuple(range(1, 16))
+    assert plan.missing == (range(1, 16),)
 
 
 def test_save_batch_stores_rows_and_advances_stored_through(storage: Storage) -> None:
     """Rows and the stored_through mark commit together."""
     storage.reserve(10)
-    storage.save_batch(batch([1, 2, 3, 5]), stored_through=3)
+    storage.save_batch(batch([1, 2, 3, 5]), stored_through=3, runs=[(5, 5)])
     plan = storage.recovery_plan()
     assert plan.stored_through == 3
-    assert plan.stored_above == (5,)
-    assert plan.missing == (4, 6, 7, 8, 9, 10)
+    assert plan.runs == ((5, 5),)
+    assert plan.missing == (range(4, 5), range(6, 11))
     assert plan.stored_total == 4
 
 
@@ -134,8 +144,8 @@ def test_a_number_cannot_be_stored_twice(storage: Storage) -> None:
     storage.save_batch(batch([1]), stored_through=1)
     with pytest.raises(StorageError, match="UNIQUE"):
         storage.save_batch(batch([2, 1]), stored_through=2)
-    assert storage.recovery_plan().stored_above == ()
-    assert storage.recovery_plan().missing == tuple(range(2, 11))
+    assert storage.recovery_plan().runs == ()
+    assert storage.recovery_plan().missing == (range(2, 11),)
 
 
 def test_release_gives_back_the_unused_reservation(storage: Storage) -> None:
@@ -154,7 +164,7 @@ def test_rows_above_the_mark_are_covered(storage: Storage) -> None:
     connection.close()
     plan = storage.recovery_plan()
     assert plan.high_water == 3
-    assert plan.missing == (1, 2)
+    assert plan.missing == (range(1, 3),)
 
 
 def test_recovery_reads_a_primary_key_range_not_the_table(storage: Storage) -> None:
@@ -216,7 +226,7 @@ def test_writer_advances_stored_through_over_out_of_order_rows(storage: Storage)
     assert writer.stored_through == 3
     assert writer.committed_total == 5
     after = storage.recovery_plan()
-    assert (after.stored_through, after.stored_above) == (3, (5, 6))
+    assert (after.stored_through, after.runs) == (3, ((5, 6),))
 
 
 def test_writer_treats_only_consecutive_parts_as_runs(storage: Storage) -> None:
@@ -225,7 +235,7 @@ def test_writer_treats_only_consecutive_parts_as_runs(storage: Storage) -> None:
     storage.reserve(20)
     writer = write(storage, plan, [rows([1, 10, 3]), rows([4, 5, 6])])
     assert writer.stored_through == 1  # 2 is missing: neither 1..3 nor 1..6 is stored
-    assert storage.recovery_plan().stored_above == (3, 4, 5, 6, 10)
+    assert above(storage.recovery_plan()) == [3, 4, 5, 6, 10]
 
 
 def test_writer_takes_range_parts_as_runs(storage: Storage) -> None:
@@ -242,7 +252,7 @@ def test_writer_takes_range_parts_as_runs(storage: Storage) -> None:
     assert writer.join(30)
     assert failures == []
     assert (writer.stored_through, writer.committed_total) == (7, 10)
-    assert storage.recovery_plan().stored_above == (9, 10, 11)
+    assert storage.recovery_plan().runs == ((9, 11),)
     assert [row[0] for row in stored_rows(storage.path)] == [*range(1, 8), 9, 10, 11]
 
 
@@ -266,11 +276,11 @@ def check_random_crashes(database: Path, data: st.DataObject) -> None:
             stored = {row[0] for row in connection.execute("SELECT id FROM invoices")}
         connection.close()
         assert handed_out <= set(range(1, plan.high_water + 1))
-        assert stored.isdisjoint(plan.missing)
-        assert stored | set(plan.missing) == set(range(1, plan.high_water + 1))
+        assert stored.isdisjoint(flat(plan.missing))
+        assert stored | set(flat(plan.missing)) == set(range(1, plan.high_water + 1))
         assert plan.stored_total == len(stored)
         generator = InvoiceNumberGenerator(storage, plan.high_water, block_size=block)
-        owed = list(plan.missing)
+        owed = flat(plan.missing)
         batches: list[list[Row]] = []
         for _step in range(data.draw(st.integers(0, 12), label="steps")):
             if data.draw(st.booleans(), label="take"):
@@ -287,7 +297,7 @@ def check_random_crashes(database: Path, data: st.DataObject) -> None:
     storage = Storage(database, synchronous="OFF")
     storage.open()
     plan = storage.recovery_plan()
-    write(storage, plan, [rows(list(plan.missing))])
+    write(storage, plan, [rows(flat(plan.missing))])
     final = storage.recovery_plan()
     storage.close()
     assert final.missing == ()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from invoicer import __version__, control, processing
 from invoicer.config import LOG_LEVELS, ConfigError, database_path, load_config, load_processor
-from invoicer.daemon import Daemon
+from invoicer.daemon import EX_SOFTWARE, Daemon, end_process
 from invoicer.logs import configure_logging
 from invoicer.storage import StorageError
 
@@ -24,7 +24,8 @@ def _parser() -> argparse.ArgumentParser:
         description="A systemd-native daemon that numbers, processes and stores invoices without gaps.",
         epilog="Configuration comes from the environment (INVOICER_WORKERS, INVOICER_QUEUE_SIZE, "
                "INVOICER_DATABASE, INVOICER_PROCESSOR, INVOICER_PROCESSING_DELAY_MS, "
-               "INVOICER_STATUS_INTERVAL, INVOICER_LOG_LEVEL, INVOICER_CONSUMER_CPU); see invoicer(8) and "
+               "INVOICER_STATUS_INTERVAL, INVOICER_LOG_LEVEL, INVOICER_INVOICE_TIMEOUT, "
+               "INVOICER_CONSUMER_CPU); see invoicer(8) and "
                "the README.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -102,7 +103,13 @@ def run() -> int:
     processor = load_processor(config.processor)
     processing.set_delay_ms(config.processing_delay_ms)
     tune_gc()
-    return Daemon(config, processor).run()
+    try:
+        code = Daemon(config, processor).run()
+    except BaseException as exc:  # whatever escapes the main thread ends the process, loudly
+        log.critical("the main thread failed: %s", exc, exc_info=exc, extra={"exit_code": EX_SOFTWARE})
+        code = EX_SOFTWARE
+    end_process(code)
+    return code  # not reached
 
 
 GC_YOUNG_THRESHOLD = 50_000

@@ -18,6 +18,7 @@ MAX_WORKERS = 1024
 MAX_QUEUE_SIZE = 1_000_000
 MAX_PROCESSING_DELAY_MS = 60_000
 MAX_STATUS_INTERVAL = 3600.0
+MAX_INVOICE_TIMEOUT = 86_400.0
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DEFAULT_PROCESSOR = "invoicer.processing:process"
 DATABASE_FILENAME = "invoices.db"
@@ -38,7 +39,10 @@ class Config:
     processing_delay_ms: float = 5.0
     status_interval: float = 1.0
     log_level: str = "INFO"
-    consumer_cpu: str = "auto"  # "auto", "none" or a CPU number; see resolve_consumer_cpu()
+    consumer_cpu: str = "none"  # "none", "auto" or a CPU number; see resolve_consumer_cpu()
+    # Seconds one processor call may run before it is given up. A minute outlasts a slow external call
+    # (a tax authority API, a PDF renderer) yet bounds how long a hung one holds an invoice.
+    invoice_timeout: float = 60.0
 
     def summary(self) -> dict[str, Any]:
         """Return the settings as a JSON-friendly dict for the start-up log record."""
@@ -98,8 +102,8 @@ def cpu_list(cpus: Collection[int]) -> str:
 def _consumer_cpu(env: Mapping[str, str], allowed: Collection[int]) -> str:
     raw = env.get("INVOICER_CONSUMER_CPU", "").strip()
     if raw.lower() in ("", "auto", "none"):
-        return raw.lower() or "auto"
-    accepted = f"auto, none, or a CPU this process may use ({cpu_list(allowed)})"
+        return raw.lower() or "none"
+    accepted = f"none, auto, or a CPU this process may use ({cpu_list(allowed)})"
     try:
         cpu = int(raw, 10)
     except ValueError:
@@ -176,6 +180,8 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
                                 0, MAX_STATUS_INTERVAL, low_inclusive=False),
         log_level=_log_level(env),
         consumer_cpu=_consumer_cpu(env, os.sched_getaffinity(0)),
+        invoice_timeout=_number(env, "INVOICER_INVOICE_TIMEOUT", Config.invoice_timeout, 0,
+                                MAX_INVOICE_TIMEOUT, low_inclusive=False),
     )
 
 

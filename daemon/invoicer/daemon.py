@@ -28,14 +28,18 @@ from invoicer.config import (
 from invoicer.generator import MAX_BLOCK_SIZE, InvoiceNumberGenerator
 from invoicer.notify import Notifier, watchdog_interval
 from invoicer.observer import Observer, Snapshot, status_line
+from invoicer.outage import OutageBreaker
 from invoicer.pipeline import RESULTS_ROOM, ConsumerPool, Part, Producer, StorageWriter, chunk_for, max_chunk
-from invoicer.storage import RecoveryPlan, Storage, StorageError
+from invoicer.storage import EX_TEMPFAIL, RecoveryPlan, Storage, StorageError
 from invoicer.workqueue import WorkQueue
 
 log = logging.getLogger("invoicer")
 
 EX_SOFTWARE = 70          # sysexits.h: an internal failure (a broken loop)
-DRAIN_STALL_S = 30.0      # a drain that commits nothing for this long is abandoned (recovered next start)
+# A drain that stays stalled (or paused by an outage) this long is abandoned, its numbers recovered at the
+# next start: below the unit's TimeoutStopSec=30s, so the daemon's own exit beats systemd's SIGKILL.
+DRAIN_STALL_S = 20.0
+STALL_S = 10.0            # a commit or a reservation running this long means the storage is stalled
 WAIT_STEP_S = 0.05        # how often the main thread re-checks its events while it waits for a thread
 SAME_STOP_S = 0.25        # a stop signal this soon after the first is the same request, not a second one
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -69,6 +73,12 @@ class Daemon:
         self._reloads = 0
         self._stop_signal_at = 0.0
         self._file_keys: frozenset[str] = frozenset()
+        watchdog = watchdog_interval(os.environ, os.getpid())
+        self._watchdog = watchdog
+        self._stall_s = min(STALL_S, watchdog / 2) if watchdog else STALL_S
+        # Written by the observer thread each tick (housekeeping); read by the main thread and STATUS=.
+        self._problem = ""
+        self._progress = (0, 0.0)  # (committed, when it last changed or was legitimately still)
 
     # -- start-up -----------------------------------------------------------------------------------
 
@@ -88,8 +98,8 @@ class Daemon:
             log.error("%s", exc, extra={"exit_code": exc.exit_code})
             self._notifier.status(f"failed: {exc}")
             return exc.exit_code
-        log.info("recovery: %d invoice numbers to process first", len(plan.missing), extra={
-            "recovered": len(plan.missing), "high_water": plan.high_water,
+        log.info("recovery: %d invoice numbers to process first", plan.missing_total, extra={
+            "recovered": plan.missing_total, "ranges": len(plan.missing), "high_water": plan.high_water,
             "stored_through": plan.stored_through, "stored_total": plan.stored_total})
         self._build(plan)
         self._state = "running"
@@ -111,14 +121,16 @@ class Daemon:
         self._results: queue.Queue[Part] = queue.Queue(maxsize=2 * config.workers + RESULTS_ROOM)
         self._generator = InvoiceNumberGenerator(self._storage, plan.high_water,
                                                  max_block_size=MAX_BLOCK_SIZE)
+        breaker = OutageBreaker(config.workers)
         self._pool = ConsumerPool(self._processor, self._work, self._results, config.workers,
-                                  self._on_fatal,
+                                  self._on_fatal, timeout=config.invoice_timeout, breaker=breaker,
                                   cpu=resolve_consumer_cpu(config.consumer_cpu, os.sched_getaffinity(0)))
         self._producer = Producer(self._generator, self._work, plan.missing,
-                                  lambda: chunk_for(self._pool.invoice_seconds, largest), self._on_fatal)
+                                  lambda: chunk_for(self._pool.invoice_seconds, largest), self._on_fatal,
+                                  breaker=breaker)
         self._writer = StorageWriter(self._storage, self._results, plan, self._on_fatal)
-        self._observer = Observer(self._snapshot, self._notifier, config.status_interval,
-                                  watchdog_interval(os.environ, os.getpid()))
+        self._observer = Observer(self._snapshot, self._notifier, config.status_interval, self._watchdog,
+                                  housekeeping=self._housekeeping, on_fatal=self._on_fatal)
 
     # -- recording (signal handlers and other threads) ------------------------------------------------
 
@@ -134,17 +146,48 @@ class Daemon:
         # Recovering until every number owed at start-up is stored (stored_through only grows).
         if state == "running" and self._plan.missing and writer.stored_through < self._plan.high_water:
             state = "recovering"
+        breaker = self._pool.breaker
         return Snapshot(
             state=state, workers=self._pool.workers,
             stored_total=self._plan.stored_total + writer.committed_total,
             committed=writer.committed_total,
             pending=self._pending(),
             queue_depth=self._work.depth(),
-            admitted=self._pool.gate.limit)
+            admitted=self._pool.gate.limit,
+            problem=self._problem,
+            paused=breaker.error if breaker.paused else "",
+            abandoned=self._pool.abandoned)
 
     def _pending(self) -> int:
         """Numbers handed to the pipeline and not yet committed."""
         return self._producer.queued_total - self._writer.committed_total
+
+    def _housekeeping(self, now: float) -> None:
+        """One tick's work besides reporting (the observer thread): deadlines, the gate, health."""
+        self._pool.reap(now)
+        self._pool.gate.tick(now, time.process_time())
+        self._problem = self._diagnose(now)
+
+    def _diagnose(self, now: float) -> str:
+        """Why the pipeline is not healthy now ("" if it is): what the watchdog and the drain go by."""
+        limit = self._stall_s
+        if (since := self._writer.busy_since) and now - since > limit:
+            return f"storage: a commit has not finished for {now - since:.0f}s"
+        if (since := self._producer.busy_since) and now - since > limit:
+            return f"storage: reserving invoice numbers has not finished for {now - since:.0f}s"
+        pool = self._pool
+        if pool.abandoned > pool.workers:
+            return f"{pool.abandoned} hung processor calls abandoned, more than the {pool.workers} workers"
+        committed = self._writer.committed_total
+        pending = self._pending()
+        # Not committing is legitimate while nothing is pending, intake is paused, or calls are under
+        # way (each is bounded by the invoice deadline); otherwise the pipeline is stuck somewhere.
+        if committed != self._progress[0] or not pending or pool.breaker.paused or pool.calls(now)[0]:
+            self._progress = (committed, now)
+        elif now - self._progress[1] > limit:
+            quiet = now - self._progress[1]
+            return f"{pending:,} invoices pending, none committed or processed for {quiet:.0f}s"
+        return ""
 
     # -- the main thread ------------------------------------------------------------------------------
 
@@ -202,7 +245,7 @@ class Daemon:
                         "confirm reloads", self._reload_state, exc)
 
     def _shutdown(self, reason: str) -> int:
-        """Stop producing, drain the queue and the in-flight invoices, flush, report, exit 0."""
+        """Stop producing, drain the queue and the in-flight invoices, flush, report; 0 if nothing is owed."""
         started = time.monotonic()
         committed_before = self._writer.committed_total
         self._state = "draining"
@@ -212,9 +255,11 @@ class Daemon:
             self._wait(self._producer.join)
             self._pool.retire_all()
             self._wait(self._pool.join)
+            self._pool.close()  # hands over what given-up calls left, while the writer still runs
             self._writer.stop()
             self._wait(self._writer.join)
             self._storage.release(self._generator.last_issued)
+            self._check_events()  # a failure reported as a thread ended is still a failure
         except _AbandonDrainError as exc:
             self._abandon(str(exc), exc.exit_code)
         except StorageError as exc:
@@ -223,10 +268,13 @@ class Daemon:
         self._observer.join()
         self._state = "stopped"
         snapshot = self._snapshot()
+        if snapshot.pending:  # cannot happen while every step above kept its promise: say so loudly
+            self._abandon(f"the drain ended with {snapshot.pending} numbers not committed", EX_SOFTWARE)
         log.info("drained and stopped", extra={
             "drained": self._writer.committed_total - committed_before,
             "seconds": round(time.monotonic() - started, 3), "stored_total": snapshot.stored_total,
-            "last_number": self._generator.last_issued, "pending": snapshot.pending})
+            "last_number": self._generator.last_issued, "pending": snapshot.pending,
+            "abandoned": snapshot.abandoned})
         self._notifier.status(f"stopped: {snapshot.stored_total:,} stored")
         self._notifier.stopping()
         self._notifier.close()
@@ -236,37 +284,46 @@ class Daemon:
         return 0
 
     def _wait(self, step: Callable[[float], bool]) -> None:
-        """Call ``step(timeout)`` until it returns True, watching for signals, failures and a stall.
+        """Call ``step(timeout)`` until it returns True, acting on signals and failures as they come.
 
-        The drain's deadline moves with its progress: it is abandoned only once nothing has been
-        committed for DRAIN_STALL_S while work is still pending.
+        A drain may wait as long as it is healthy: committing, or waiting on calls younger than their
+        deadline. It is abandoned once it has been stalled, or paused by an outage, for DRAIN_STALL_S.
         """
-        committed = self._writer.committed_total
-        deadline = time.monotonic() + DRAIN_STALL_S
-        while not step(WAIT_STEP_S):
+        healthy_at = time.monotonic()
+        while True:
+            done = step(WAIT_STEP_S)
             self._check_events()
+            if done:
+                return
             now = time.monotonic()
-            if self._writer.committed_total != committed or self._pending() == 0:
-                committed = self._writer.committed_total
-                deadline = now + DRAIN_STALL_S
-            elif now > deadline:
-                raise _AbandonDrainError(f"the drain committed nothing for {DRAIN_STALL_S:g}s", EX_SOFTWARE)
+            snapshot = self._snapshot()
+            if not snapshot.problem and not snapshot.paused:
+                healthy_at = now
+            elif now - healthy_at > DRAIN_STALL_S:
+                if snapshot.problem:
+                    raise _AbandonDrainError(f"the drain stalled for {DRAIN_STALL_S:g}s: {snapshot.problem}",
+                                             EX_SOFTWARE)
+                raise _AbandonDrainError(f"the processor's service stayed down for {DRAIN_STALL_S:g}s of "
+                                         f"the drain ({snapshot.paused})", EX_TEMPFAIL)
 
     def _check_events(self) -> None:
-        try:
-            kind, what, detail = self._events.get_nowait()
-        except queue.Empty:
-            return
-        if kind == "signal" and what in STOP_SIGNALS:
-            if detail - self._stop_signal_at < SAME_STOP_S:
-                # One request, delivered twice: GNU timeout signals the child and then its process group.
-                log.info("%s again within %gs: the same stop request", signal.Signals(what).name, SAME_STOP_S)
+        """Act on every event recorded so far (signals, failures) without waiting."""
+        while True:
+            try:
+                kind, what, detail = self._events.get_nowait()
+            except queue.Empty:
                 return
-            raise _AbandonDrainError(f"second {signal.Signals(what).name} during the drain", 128 + what)
-        if kind == "signal":
-            log.warning("%s ignored: the daemon is draining", signal.Signals(what).name)
-        if kind == "fatal":
-            self._die(f"{what} failed during the drain: {detail}", detail)
+            if kind == "signal" and what in STOP_SIGNALS:
+                if detail - self._stop_signal_at < SAME_STOP_S:
+                    # One request, delivered twice: GNU timeout signals the child and then its group.
+                    log.info("%s again within %gs: the same stop request", signal.Signals(what).name,
+                             SAME_STOP_S)
+                    continue
+                raise _AbandonDrainError(f"second {signal.Signals(what).name} during the drain", 128 + what)
+            if kind == "signal":
+                log.warning("%s ignored: the daemon is draining", signal.Signals(what).name)
+            if kind == "fatal":
+                self._die(f"{what} failed during the drain: {detail}", detail)
 
     def _abandon(self, reason: str, exit_code: int) -> None:
         snapshot = self._snapshot()
@@ -274,20 +331,25 @@ class Daemon:
                     "start", reason, snapshot.pending, extra={"pending": snapshot.pending,
                                                               "exit_code": exit_code})
         self._notifier.status(f"stopped at once: {snapshot.pending:,} left for recovery")
-        self._exit_now(exit_code)
+        end_process(exit_code)
 
     def _die(self, message: str, exc: BaseException) -> None:
         exit_code = exc.exit_code if isinstance(exc, StorageError) else EX_SOFTWARE
         log.critical("%s", message, exc_info=(type(exc), exc, exc.__traceback__),
                      extra={"exit_code": exit_code})
         self._notifier.status(f"failed: {message}")
-        self._exit_now(exit_code)
+        end_process(exit_code)
 
-    @staticmethod
-    def _exit_now(exit_code: int) -> None:
-        # Worker threads may be blocked anywhere (a hung processor); don't wait for them. Whatever was
-        # not committed is <= the high-water mark and is recovered at the next start.
-        for handler in logging.getLogger("invoicer").handlers:
-            handler.flush()
-        sys.stdout.flush()
-        os._exit(exit_code)
+
+def end_process(exit_code: int) -> None:
+    """Flush the logs and exit now, without waiting for threads.
+
+    Worker threads may be blocked anywhere (a hung processor call never returns), and the interpreter's
+    own exit would join every ThreadPoolExecutor thread, a given-up one included. Whatever was not
+    committed is <= the high-water mark and is recovered at the next start.
+    """
+    for handler in logging.getLogger("invoicer").handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)

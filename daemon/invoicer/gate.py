@@ -19,12 +19,19 @@ CHUNK_TARGET_S of work, usually far less than the 5 ms switch interval), so most
 uninterrupted and the median stays honest. Invoices that sleep or wait get a share near 0 and the gate
 stays fully open. Work that holds the GIL for long stretches (more than the switch interval per chunk)
 is misread as waiting and the gate opens: the behaviour without a gate.
+
+Two things the share cannot see are handled apart. A call that runs long (a hung or slow external
+call) holds no place: the pool lends the gate one place per such call (``lend``). And work that burns CPU
+in C with the GIL released (hashlib, zlib, a renderer) shows a share near 1 like pure Python, but runs on
+several cores at once: every PROBE_EVERY_S the gate tries one more core's worth of consumers for a
+while (``tick``), and keeps it if the process then really used about one core more.
 """
 
 from __future__ import annotations
 
 import collections
 import math
+import os
 import threading
 
 SAMPLES = 16        # chunks in the moving window the limit follows
@@ -37,13 +44,19 @@ HEADROOM = 1.0
 # there would follow noise.
 OPEN_BELOW_SHARE = 0.1
 UPDATE_EVERY = 4    # reports between two recomputations of the limit
+PROBE_EVERY_S = 10.0  # how often to try one more core's worth of consumers
+PROBE_S = 1.0         # ... for this long (at least one observer tick)
+PROBE_GAIN = 0.5      # cores the process must gain in a probe to keep it
 
 
-def limit_for(share: float, workers: int) -> int:
-    """How many of ``workers`` consumers to admit when an invoice runs Python ``share`` of its time."""
+def limit_for(share: float, workers: int, cores: int = 1) -> int:
+    """How many of ``workers`` consumers to admit when an invoice uses a CPU ``share`` of its time.
+
+    ``cores``: how many cores the work has been seen to use at once (1 for work that holds the GIL).
+    """
     if share < OPEN_BELOW_SHARE:
         return workers
-    return max(1, min(workers, math.ceil(HEADROOM / share)))
+    return max(1, min(workers, math.ceil(cores * HEADROOM / share)))
 
 
 class ConcurrencyGate:
@@ -61,17 +74,60 @@ class ConcurrencyGate:
         self._shares: collections.deque[float] = collections.deque(maxlen=SAMPLES)
         self._reports = 0
         self._limit = workers  # open until the first measurements say otherwise
+        self._lent = 0         # places lent to consumers in long calls
+        # Cores' worth of consumers admitted; only tick() (the observer thread) changes it.
+        self.cores = 1
+        self._max_cores = len(os.sched_getaffinity(0))
+        self._probe: tuple[float, float] | None = None  # (started, the process's cores used before)
+        self._next_probe = PROBE_EVERY_S
+        self._last: tuple[float, float] | None = None   # (now, CPU seconds) at the previous tick
 
     @property
     def limit(self) -> int:
-        """How many consumers may process at once now."""
+        """How many consumers may process at once now (without the places lent to long calls)."""
         with self._cond:
             return self._limit
+
+    def lend(self, places: int) -> None:
+        """Let ``places`` more consumers in, one for each call that runs long (the pool's reaper)."""
+        with self._cond:
+            more = places - self._lent
+            self._lent = places
+            if more > 0:
+                self._cond.notify(more)
+
+    def tick(self, now: float, cpu_seconds: float) -> None:
+        """Probe for work that runs outside the GIL; ``cpu_seconds`` is the process's CPU time so far."""
+        last, self._last = self._last, (now, cpu_seconds)
+        if last is None or now <= last[0]:
+            return
+        used = (cpu_seconds - last[1]) / (now - last[0])  # cores the whole process used since then
+        with self._cond:
+            if self._probe is not None:
+                started, before = self._probe
+                if now - started < PROBE_S:
+                    return
+                self._probe = None
+                if used < before + PROBE_GAIN:
+                    self.cores -= 1  # one more core's worth of consumers did not use one more core
+                    self._next_probe = now + PROBE_EVERY_S
+                else:
+                    self._next_probe = now  # it did: try another at once
+                self._update()
+            elif self.cores > 1 and used < self.cores - 1 + PROBE_GAIN and now >= self._next_probe:
+                self.cores -= 1  # the work no longer runs on that many cores
+                self._next_probe = now + PROBE_EVERY_S
+                self._update()
+            elif (now >= self._next_probe and self.cores < self._max_cores
+                  and self._limit < self._workers):
+                self._probe = (now, used)
+                self.cores += 1
+                self._update()
 
     def acquire(self) -> None:
         """Wait for a free place and take it."""
         with self._cond:
-            while self._active >= self._limit:
+            while self._active >= self._limit + self._lent:
                 self._cond.wait()
             self._active += 1
 
@@ -83,9 +139,9 @@ class ConcurrencyGate:
         if self._reports % UPDATE_EVERY == 0:
             with self._cond:
                 self._update()
-        if self._active > self._limit:  # rarely true: only after the limit fell
+        if self._active > self._limit + self._lent:  # rarely true: only after the limit fell
             with self._cond:
-                if self._active > self._limit:
+                if self._active > self._limit + self._lent:
                     self._active -= 1
                     return True
         return False
@@ -108,6 +164,6 @@ class ConcurrencyGate:
         if len(shares) < SAMPLES // 2:
             self._limit = self._workers
         else:
-            self._limit = limit_for(shares[len(shares) // 2], self._workers)
+            self._limit = limit_for(shares[len(shares) // 2], self._workers, self.cores)
         if self._limit > before:
             self._cond.notify(self._limit - before)

@@ -1,4 +1,4 @@
-"""Observer: samples committed counters, reports STATUS=, gates watchdog pings, logs throughput."""
+"""Observer: each tick, housekeeping, then STATUS=, the watchdog decision and the throughput log."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ log = logging.getLogger("invoicer")
 
 RATE_WINDOW_S = 5.0     # the rate shown is the average over this window
 LOG_INTERVAL_S = 10.0   # a JSON throughput record this often
-EXTEND_STOP_S = 5.0     # each progressing drain tick asks systemd for this much more stop time
+MAX_TICK_S = 1.0        # ticks at least this often: deadlines, health and stop extensions follow them
+EXTEND_MARGIN_S = 5.0   # what a drain's EXTEND_TIMEOUT_USEC= asks beyond the next tick
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +30,9 @@ class Snapshot:
     pending: int        # numbers handed to the pipeline and not yet committed
     queue_depth: int    # numbers waiting in the work queue
     admitted: int = 0   # consumers the concurrency gate lets process at once (0: not known)
+    problem: str = ""   # why the pipeline is not healthy ("": it is)
+    paused: str = ""    # the error that paused intake ("": not paused)
+    abandoned: int = 0  # given-up processor calls whose threads still run
 
 
 def status_line(snapshot: Snapshot, rate: float) -> str:
@@ -37,28 +41,40 @@ def status_line(snapshot: Snapshot, rate: float) -> str:
              f"queue {snapshot.queue_depth:,}"]
     if 0 < snapshot.admitted < snapshot.workers:
         parts.append(f"{snapshot.admitted} at once")
+    if snapshot.abandoned:
+        parts.append(f"{snapshot.abandoned} hung calls abandoned")
     if snapshot.state == "draining":
         parts.insert(0, f"{snapshot.pending:,} left")
-    return f"{snapshot.state}: {', '.join(parts)}"
+    head = snapshot.state
+    if snapshot.problem:
+        head = f"{snapshot.state}, stalled: {snapshot.problem};"
+    elif snapshot.paused:
+        head = f"paused: {snapshot.paused};" if snapshot.state != "draining" else (
+            f"draining, paused: {snapshot.paused};")
+    else:
+        head += ":"
+    return f"{head} {', '.join(parts)}"
 
 
 class Observer:
-    """One thread; ``tick(now)`` does one sample-notify-ping-log pass so tests can drive it directly."""
+    """One thread; ``tick(now)`` does one housekeeping-sample-notify-ping-log pass (tests call it)."""
 
     def __init__(self, sample: Callable[[], Snapshot], notifier: Notifier, status_interval: float,
-                 watchdog_timeout: float | None) -> None:
+                 watchdog_timeout: float | None, *,
+                 housekeeping: Callable[[float], None] = lambda now: None,
+                 on_fatal: Callable[[str, BaseException], None] | None = None) -> None:
         self._sample = sample
+        self._housekeeping = housekeeping
+        self._on_fatal = on_fatal
         self._notifier = notifier
         self._status_interval = status_interval
-        self._ping_interval = watchdog_timeout / 2 if watchdog_timeout else None
-        self.tick_interval = min(status_interval, self._ping_interval or status_interval)
+        self._watchdog = watchdog_timeout is not None
+        # Health is decided on every tick, so ticks come often enough to ping at half the timeout.
+        self.tick_interval = min(status_interval, MAX_TICK_S, (watchdog_timeout or MAX_TICK_S * 2) / 2)
         self._window: collections.deque[tuple[float, int]] = collections.deque()
         self._next_status = 0.0
-        self._next_ping = 0.0
         self._next_log = 0.0
-        self._committed_at_ping = -1
-        self._committed_at_tick = -1
-        self._stalled = False
+        self._withheld = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="invoicer-observer", daemon=True)
         self.rate = 0.0
@@ -77,29 +93,35 @@ class Observer:
         return not self._thread.is_alive()
 
     def _run(self) -> None:
-        while True:
-            self.tick(time.monotonic())
-            if self._stop.wait(self.tick_interval):
-                return
+        try:
+            while True:
+                self.tick(time.monotonic())
+                if self._stop.wait(self.tick_interval):
+                    return
+        except BaseException as exc:  # without the observer nobody reaps, reports or pings: end loudly
+            if self._on_fatal is None:
+                raise
+            self._on_fatal("observer", exc)
 
     def tick(self, now: float) -> Snapshot:
-        """Sample once, then send STATUS=, ping the watchdog and log throughput if each is due."""
+        """Do housekeeping, sample once, then send STATUS=, ping the watchdog and log as each is due."""
+        self._housekeeping(now)
         snapshot = self._sample()
         self.rate = self._update_rate(now, snapshot.committed)
         if now >= self._next_status:
             self._notifier.status(status_line(snapshot, self.rate))
             self._next_status = now + self._status_interval
-        if self._ping_interval is not None and now >= self._next_ping:
-            self._watchdog(snapshot)
-            self._next_ping = now + self._ping_interval
-        if snapshot.state == "draining" and snapshot.committed > self._committed_at_tick:
-            self._notifier.extend_timeout(EXTEND_STOP_S)
-        self._committed_at_tick = snapshot.committed
+        healthy = not snapshot.problem
+        if self._watchdog:
+            self._ping(snapshot, healthy=healthy)
+        if snapshot.state == "draining" and healthy:
+            self._notifier.extend_timeout(self.tick_interval + EXTEND_MARGIN_S)
         if now >= self._next_log:
             log.info("throughput", extra={
                 "rate": round(self.rate, 1), "stored_total": snapshot.stored_total,
                 "queue_depth": snapshot.queue_depth, "workers": snapshot.workers,
-                "pending": snapshot.pending, "state": snapshot.state, "admitted": snapshot.admitted})
+                "pending": snapshot.pending, "state": snapshot.state, "admitted": snapshot.admitted,
+                "paused": snapshot.paused, "problem": snapshot.problem, "abandoned": snapshot.abandoned})
             self._next_log = now + LOG_INTERVAL_S
         return snapshot
 
@@ -112,18 +134,15 @@ class Observer:
         elapsed = now - first_time
         return (committed - first_committed) / elapsed if elapsed > 0 else 0.0
 
-    def _watchdog(self, snapshot: Snapshot) -> None:
-        # Ping only while healthy: something was committed since the last ping, or nothing is pending
-        # (idle for an innocent reason). Stuck with work pending, we stay silent and systemd restarts us.
-        progressed = snapshot.committed > self._committed_at_ping
-        self._committed_at_ping = snapshot.committed
-        if progressed or snapshot.pending == 0:
+    def _ping(self, snapshot: Snapshot, *, healthy: bool) -> None:
+        # Ping only while healthy; a frozen pipeline stays silent and systemd restarts it.
+        if healthy:
             self._notifier.watchdog()
-            if self._stalled:
-                log.info("pipeline progressing again; watchdog pings resumed")
-            self._stalled = False
-        elif not self._stalled:
-            self._stalled = True
-            log.warning("no invoice committed for %.1fs with %d pending; withholding watchdog pings",
-                        self._ping_interval or 0.0, snapshot.pending,
-                        extra={"pending": snapshot.pending, "state": snapshot.state})
+            if self._withheld:
+                log.info("pipeline healthy again; watchdog pings resumed")
+            self._withheld = False
+        elif not self._withheld:
+            self._withheld = True
+            log.warning("pipeline stalled: %s; withholding watchdog pings", snapshot.problem,
+                        extra={"problem": snapshot.problem, "pending": snapshot.pending,
+                               "state": snapshot.state})

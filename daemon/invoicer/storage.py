@@ -8,8 +8,12 @@ The ``sequence`` row holds two durable marks:
 
 * ``high_water``: every number <= it may have been handed out, so every such number must end up stored.
 * ``stored_through``: every number <= it is stored. It only moves forward, inside the same transaction
-  as the rows that let it move, so recovery reads just the rows in ``(stored_through, high_water]``
-  instead of scanning the whole table.
+  as the rows that let it move.
+
+Above ``stored_through``, table ``stored_runs`` holds the runs of numbers stored out of order (work still
+in flight left gaps below them), rewritten in every commit. Recovery reads the marks and these few runs
+and finds the missing numbers as ranges, without reading the invoices, however many rows a hung call
+kept above ``stored_through``.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_S = 5.0
 
 SCHEMA = (
@@ -50,11 +54,18 @@ SCHEMA = (
         stored_through INTEGER NOT NULL CHECK (stored_through >= 0)
     )""",
     "INSERT OR IGNORE INTO sequence (id, high_water, stored_through) VALUES (1, 0, 0)",
+    """CREATE TABLE IF NOT EXISTS stored_runs (
+        first INTEGER PRIMARY KEY,
+        last INTEGER NOT NULL CHECK (last >= first)
+    )""",
+    # `invoicer failed` reads the failed invoices through this, not the whole table; it holds only them.
+    "CREATE INDEX IF NOT EXISTS invoices_failed ON invoices (id) WHERE status = 'failed'",
 )
 # Statements that insert many rows: an INSERT ... SELECT from a VALUES list of ``?`` rows, sized to a
 # power of two and padded with rows of zeros that the WHERE drops (invoice numbers start at 1).
 INSERT_PREFIX = ("INSERT INTO invoices"
                  " (id, status, customer, currency, subtotal, tax, total, document, error, attempts) SELECT ")
+INSERT_RUNS_PREFIX = "INSERT INTO stored_runs (first, last) SELECT "
 # Processed invoices, the usual case, bind OK_WIDTH values a row: status and error are literals. Binding
 # costs the writer the GIL: 19 ns for an int, 68 ns for a str, 260 ns for None (which sqlite3 passes
 # through its adapter lookup), so the ten-value row of a processed invoice took 0.85 us and these eight
@@ -75,6 +86,9 @@ ROWS_PER_STATEMENT = 2048
 SELECT_MARKS = "SELECT high_water, stored_through FROM sequence WHERE id = 1"
 SELECT_MAX_ID = "SELECT max(id) FROM invoices"
 SELECT_IDS_BETWEEN = "SELECT id FROM invoices WHERE id > ? AND id <= ? ORDER BY id"
+SELECT_RUNS = "SELECT first, last FROM stored_runs WHERE last > ? ORDER BY first"
+DELETE_RUNS = "DELETE FROM stored_runs"
+SELECT_FAILED = "SELECT id, attempts, error FROM invoices WHERE status = 'failed' ORDER BY id"
 RAISE_HIGH_WATER = "UPDATE sequence SET high_water = high_water + ? WHERE id = 1 RETURNING high_water"
 LOWER_HIGH_WATER = "UPDATE sequence SET high_water = ? WHERE id = 1 AND high_water > ?"
 ADVANCE_STORED_THROUGH = "UPDATE sequence SET stored_through = ? WHERE id = 1 AND stored_through < ?"
@@ -87,6 +101,8 @@ SET_HIGH_WATER_AT_LEAST = "UPDATE sequence SET high_water = ? WHERE id = 1 AND h
 # What a processed invoice stores besides its literals: id, customer, currency, subtotal, tax, total,
 # document, attempts (OK_SELECT's order).
 OkValues = tuple[int, str, str, str, str, str, str, int]
+# first..last, a run of consecutive invoice numbers.
+Run = tuple[int, int]
 # An invoice row, in the table's column order.
 Row = tuple[int, str, str | None, str | None, str | None, str | None, str | None, str | None,
             str | None, int]
@@ -134,11 +150,11 @@ EX_IOERR = 74      # sysexits.h: an input/output error (unreadable, unwritable, 
 EX_TEMPFAIL = 75   # sysexits.h: try again later (another instance, or another program's lock)
 
 
-@functools.lru_cache(maxsize=32)
-def _insert_statement(select: str, width: int, rows: int) -> str:
+@functools.lru_cache(maxsize=48)
+def _insert_statement(prefix: str, select: str, width: int, rows: int) -> str:
     row = f"({', '.join('?' * width)})"
     values = ", ".join([row] * rows)  # placeholders only: no value enters the SQL text
-    return f"{INSERT_PREFIX}{select} FROM (VALUES {values}) WHERE column1 > 0"
+    return f"{prefix}{select} FROM (VALUES {values}) WHERE column1 > 0"
 
 
 def _padded_size(rows: int) -> int:
@@ -156,17 +172,35 @@ class StorageError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class RecoveryPlan:
-    """What start-up found: the marks, the numbers stored above ``stored_through``, and the missing ones."""
+    """What start-up found: the marks, the runs stored above ``stored_through``, the missing numbers."""
 
     high_water: int
     stored_through: int
-    stored_above: tuple[int, ...]
-    missing: tuple[int, ...]
+    runs: tuple[Run, ...]
+    missing: tuple[range, ...]
 
     @property
     def stored_total(self) -> int:
         """Rows stored: all of 1..stored_through plus those stored above it."""
-        return self.stored_through + len(self.stored_above)
+        return self.stored_through + sum(last - first + 1 for first, last in self.runs)
+
+    @property
+    def missing_total(self) -> int:
+        """How many numbers start-up must process first."""
+        return sum(len(missing) for missing in self.missing)
+
+
+def missing_ranges(through: int, high_water: int, runs: Sequence[Run]) -> list[range]:
+    """Return the numbers in ``(through, high_water]`` outside ``runs`` (sorted, disjoint), as ranges."""
+    missing = []
+    expected = through + 1
+    for first, last in runs:
+        if first > expected:
+            missing.append(range(expected, min(first, high_water + 1)))
+        expected = max(expected, last + 1)
+    if expected <= high_water:
+        missing.append(range(expected, high_water + 1))
+    return [numbers for numbers in missing if numbers]
 
 
 def describe_error(path: Path, exc: BaseException) -> StorageError:  # noqa: PLR0911  # one return per kind
@@ -229,6 +263,7 @@ class Storage:
         self._connection: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
         self._rows_per_statement = 1
+        self._had_runs = True  # whether stored_runs may hold rows (unknown until the first save)
 
     # -- life cycle ---------------------------------------------------------------------------------
 
@@ -247,8 +282,13 @@ class Storage:
             variables = connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
             self._rows_per_statement = 1 << (min(ROWS_PER_STATEMENT, variables // COLUMNS).bit_length() - 1)
             with self._transaction() as cursor:  # the first write proves the file is writable
+                version = cursor.execute("PRAGMA user_version").fetchone()[0]
+                had_invoices = cursor.execute(
+                    "SELECT 1 FROM sqlite_master WHERE name = 'invoices'").fetchone() is not None
                 for statement in SCHEMA:
                     cursor.execute(statement)
+                if had_invoices and version < 2:
+                    _migrate_runs(cursor)
                 cursor.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except StorageError:
             self.close()
@@ -262,7 +302,9 @@ class Storage:
         if not self.path.exists():
             raise StorageError(f"database {self.path} does not exist")
         try:
-            self._connection = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S,
+            # as_uri() percent-encodes the path: a '#', '?' or '%' in it must not change which file opens.
+            uri = f"{self.path.absolute().as_uri()}?mode=ro"
+            self._connection = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S,
                                                isolation_level=None, check_same_thread=False)
             self._connection.execute("SELECT count(*) FROM sequence").fetchone()
         except sqlite3.Error as exc:
@@ -344,8 +386,9 @@ class Storage:
     def recovery_plan(self) -> RecoveryPlan:
         """Find what start-up must recover: every number <= high_water that is not stored.
 
-        Reads only the rows in (stored_through, high_water], a range bounded by one reserved block plus
-        what was in flight, however large the table is.
+        Reads the marks and the saved runs, not the invoices: the missing numbers are the gaps between
+        the runs, and each gap is checked to hold no row (an index probe that finds nothing), so the cost
+        follows what was in flight, however large the table is.
         """
         def plan(cursor: sqlite3.Cursor) -> RecoveryPlan:
             high_water, stored_through = cursor.execute(SELECT_MARKS).fetchone()
@@ -353,11 +396,13 @@ class Storage:
             if max_id > high_water:  # rows written by hand above the mark: cover them, never reuse them
                 cursor.execute(SET_HIGH_WATER_AT_LEAST, (max_id, max_id))
                 high_water = max_id
-            above = tuple(row[0] for row in cursor.execute(
-                SELECT_IDS_BETWEEN, (stored_through, high_water)))
-            present = set(above)
-            missing = tuple(n for n in range(stored_through + 1, high_water + 1) if n not in present)
-            return RecoveryPlan(high_water, stored_through, above, missing)
+            runs = [tuple(row) for row in cursor.execute(SELECT_RUNS, (stored_through,))]
+            found: list[Run] = []  # rows inside a gap: written by hand, say; stored all the same
+            for gap in missing_ranges(stored_through, high_water, cast("list[Run]", runs)):
+                found += ((n, n) for (n,) in cursor.execute(SELECT_IDS_BETWEEN, (gap.start - 1, gap[-1])))
+            runs = sorted([*runs, *found])
+            return RecoveryPlan(high_water, stored_through, cast("tuple[Run, ...]", tuple(runs)),
+                                tuple(missing_ranges(stored_through, high_water, cast("list[Run]", runs))))
         result: RecoveryPlan = self._write(plan)
         return result
 
@@ -377,10 +422,17 @@ class Storage:
         with self._lock:
             if self._connection is None:
                 raise StorageError(f"database {self.path} is not open")
-            found = self._connection.execute(
-                "SELECT id, attempts, error FROM invoices WHERE status = 'failed' ORDER BY id").fetchall()
-        wanted = set(ids)
-        return [row for row in found if not wanted or row[0] in wanted]
+            try:
+                if not ids:
+                    return self._connection.execute(SELECT_FAILED).fetchall()
+                found = []
+                for invoice_id in sorted(set(ids)):
+                    found += self._connection.execute(
+                        "SELECT id, attempts, error FROM invoices WHERE id = ? AND status = 'failed'",
+                        (invoice_id,)).fetchall()
+                return found
+            except sqlite3.Error as exc:
+                raise describe_error(self.path, exc) from exc
 
     def replace_failed(self, row: Row) -> bool:
         """Overwrite a failed invoice with a new outcome (attempts add up); False if it is not failed."""
@@ -390,18 +442,42 @@ class Storage:
         result: bool = self._write(replace)
         return result
 
-    def save_batch(self, batch: Batch, stored_through: int) -> None:
-        """Insert the rows of ``batch`` and advance ``stored_through`` in one transaction (a group commit)."""
+    def save_batch(self, batch: Batch, stored_through: int, runs: Sequence[Run] = ()) -> None:
+        """Insert ``batch``, advance ``stored_through`` and save the ``runs`` above it, in one transaction."""
+        most = self._rows_per_statement
+        rewrite_runs = bool(runs) or self._had_runs
+
         def save(cursor: sqlite3.Cursor) -> None:
-            _insert(cursor, OK_SELECT, OK_WIDTH, batch.ok, self._rows_per_statement)
+            _insert(cursor, INSERT_PREFIX, OK_SELECT, OK_WIDTH, batch.ok, most=most)
             if batch.failed:
                 failed = list(itertools.chain.from_iterable(batch.failed))
-                _insert(cursor, ANY_SELECT, COLUMNS, failed, self._rows_per_statement)
+                _insert(cursor, INSERT_PREFIX, ANY_SELECT, COLUMNS, failed, most=most)
             cursor.execute(ADVANCE_STORED_THROUGH, (stored_through, stored_through))
+            if rewrite_runs:
+                cursor.execute(DELETE_RUNS)
+                _insert(cursor, INSERT_RUNS_PREFIX, ANY_SELECT, 2, list(itertools.chain.from_iterable(runs)),
+                        most=most)
         self._write(save)
+        self._had_runs = bool(runs)
 
 
-def _insert(cursor: sqlite3.Cursor, select: str, width: int, values: Sequence[object], most: int) -> None:
+def _migrate_runs(cursor: sqlite3.Cursor) -> None:
+    """Migrate schema 1 to 2: save the runs above stored_through, found the old way (the rows)."""
+    high_water, stored_through = cursor.execute(SELECT_MARKS).fetchone()
+    stored = [row[0] for row in cursor.execute(SELECT_IDS_BETWEEN, (stored_through, high_water))]
+    runs: list[Run] = []
+    for number in stored:
+        if runs and runs[-1][1] == number - 1:
+            runs[-1] = (runs[-1][0], number)
+        else:
+            runs.append((number, number))
+    cursor.execute(DELETE_RUNS)
+    _insert(cursor, INSERT_RUNS_PREFIX, ANY_SELECT, 2, list(itertools.chain.from_iterable(runs)),
+            most=1024)
+
+
+def _insert(cursor: sqlite3.Cursor, prefix: str, select: str, width: int, values: Sequence[object], *,
+            most: int) -> None:
     """Insert flat ``values`` (``width`` per row) in statements of at most ``most`` rows."""
     step = most * width
     for start in range(0, len(values), step):
@@ -409,4 +485,4 @@ def _insert(cursor: sqlite3.Cursor, select: str, width: int, values: Sequence[ob
         rows = len(part) // width
         size = _padded_size(rows)
         part += [0] * ((size - rows) * width)  # ints: the cheapest value to bind
-        cursor.execute(_insert_statement(select, width, size), part)
+        cursor.execute(_insert_statement(prefix, select, width, size), part)

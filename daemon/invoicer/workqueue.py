@@ -45,6 +45,13 @@ class WorkQueue:
             self._not_empty.notify()
             return True
 
+    def put_front(self, chunk: Chunk) -> None:
+        """Put ``chunk`` back at the head, whatever the room: numbers already taken out, now returned."""
+        with self._mutex:
+            self._items.appendleft(chunk)
+            self._numbers += len(chunk)
+            self._not_empty.notify()
+
     def put_sentinel(self) -> None:
         """Append a retirement sentinel: the consumer that takes it ends, after the work queued before it."""
         with self._mutex:

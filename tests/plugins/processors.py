@@ -1,9 +1,12 @@
-"""Processor plugins for the tests: well-behaved, failing, poisoned, garbage-returning, hanging."""
+"""Processor plugins for the tests: well-behaved, failing, poisoned, garbage, hanging, down, C, subprocess."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import subprocess
 import threading
+import time
 
 from invoicer.processing import Invoice, build_invoice
 
@@ -34,4 +37,54 @@ def hang_after(invoice_id: int) -> Invoice:
     """Work normally up to $HANG_AFTER, then block forever (a stuck external call)."""
     if invoice_id > int(os.environ.get("HANG_AFTER", "100")):
         _never.wait()
+    return build_invoice(invoice_id)
+
+
+def _numbers(variable: str) -> frozenset[int]:
+    return frozenset(int(part) for part in os.environ.get(variable, "").split(",") if part.strip())
+
+
+_HANG_ON = _numbers("HANG_ON")
+
+
+def hang_on(invoice_id: int) -> Invoice:
+    """Block forever for the numbers in $HANG_ON (a call made without a timeout); build the rest."""
+    if invoice_id in _HANG_ON:
+        _never.wait()
+    return build_invoice(invoice_id)
+
+
+def hang_on_and_wait(invoice_id: int) -> Invoice:
+    """Like hang_on, and wait $PROCESSING_S seconds for every other invoice (slow external calls)."""
+    if invoice_id in _HANG_ON:
+        _never.wait()
+    time.sleep(float(os.environ.get("PROCESSING_S", "0.002")))
+    return build_invoice(invoice_id)
+
+
+def down_while_flagged(invoice_id: int) -> Invoice:
+    """Raise ConnectionError while the file $OUTAGE_FLAG exists (the service is down), else wait 2 ms."""
+    if os.path.exists(os.environ["OUTAGE_FLAG"]):
+        raise ConnectionError("[Errno 111] Connection refused (the invoicing service is down)")
+    time.sleep(0.002)
+    return build_invoice(invoice_id)
+
+
+_BLOCK = bytes(4 * 1024 * 1024)
+
+
+def hash_4mib(invoice_id: int) -> Invoice:
+    """Burn CPU in C with the GIL released: SHA-256 over 4 MiB, as a renderer or compressor would."""
+    hashlib.sha256(_BLOCK).digest()
+    return build_invoice(invoice_id)
+
+
+def run_subprocess(invoice_id: int) -> Invoice:
+    """Start a real subprocess per invoice (a PDF renderer would), and record the CPUs it may use."""
+    allowed = subprocess.run(["/bin/sh", "-c", "grep Cpus_allowed_list /proc/self/status"],
+                             capture_output=True, text=True, check=True).stdout.split()[-1]
+    record = os.environ.get("SUBPROCESS_CPUS")
+    if record:
+        with open(record, "a", encoding="ascii") as out:
+            out.write(f"{allowed}\n")
     return build_invoice(invoice_id)

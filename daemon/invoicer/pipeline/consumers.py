@@ -1,0 +1,343 @@
+"""ConsumerPool: INVOICER_WORKERS consumer loops in a ThreadPoolExecutor, every call under a deadline.
+
+Python cannot kill a thread. A processor call that runs past INVOICER_INVOICE_TIMEOUT is *given up*
+instead: ``reap()`` (the observer calls it every tick) marks the loop abandoned, stores the invoice as
+failed with an error saying it timed out, hands the writer what the loop had finished, puts the rest of
+its chunk back at the front of the work queue, and starts a fresh loop so the pool keeps its size. The
+abandoned thread is left to its call; whatever it returns later is discarded.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from invoicer.config import MAX_WORKERS
+from invoicer.gate import ConcurrencyGate
+from invoicer.outage import MAX_PROBES, OutageBreaker, describe
+from invoicer.pipeline import (
+    CPU_SAMPLE_EVERY,
+    HANDOFF_S,
+    FatalHandler,
+    Part,
+    failed_row,
+    invoice_values,
+    retry_or_give_up,
+)
+from invoicer.storage import Batch, Row
+from invoicer.workqueue import Chunk, WorkQueue
+
+log = logging.getLogger("invoicer")
+
+# A call running this long holds no place in the concurrency gate: it waits, whatever its CPU share.
+LONG_CALL_S = 1.0
+
+
+class InvoiceTimeoutError(TimeoutError):
+    """A processor call ran past its deadline and was given up."""
+
+
+class _Slot:
+    """What one consumer loop is doing, shared with the reaper.
+
+    Rule: ``lock`` guards ``abandoned`` and the loop's unsent results (``ok``, ``failed``, ``start``): the
+    consumer takes it to record each outcome, the reaper to give the loop up, so exactly one of them
+    hands those results on. ``call_started``, ``chunk``, ``index``, ``attempt`` and ``probe`` are written
+    by the consumer alone (plain stores, atomic under the GIL); the reaper reads them and confirms
+    ``call_started`` under the lock.
+    """
+
+    __slots__ = ("abandoned", "attempt", "call_started", "chunk", "failed", "future", "index", "lock",
+                 "ok", "probe", "start", "worker")
+
+    def __init__(self, worker: int) -> None:
+        self.worker = worker
+        self.lock = threading.Lock()
+        self.abandoned = False
+        self.call_started = 0.0  # monotonic start of the processor call under way (0: none)
+        self.chunk: Chunk = ()
+        self.index = 0           # the chunk position being processed
+        self.start = 0           # the first chunk position not yet handed to the writer
+        self.attempt = 1
+        self.probe = False       # the call under way probes a paused service
+        self.ok: list[object] = []
+        self.failed: list[Row] = []
+        self.future: concurrent.futures.Future[None] | None = None
+
+
+class ConsumerPool:
+    """``workers`` consumers in a ThreadPoolExecutor: process each number, hand rows to the writer."""
+
+    def __init__(self, processor: Callable[[int], Any], work: WorkQueue,
+                 results: queue.Queue[Part], workers: int, on_fatal: FatalHandler,
+                 *, timeout: float = 60.0, breaker: OutageBreaker | None = None,
+                 cpu: int | None = None) -> None:
+        self._processor = processor
+        self._work = work
+        self._results = results
+        self._on_fatal = on_fatal
+        self._timeout = timeout
+        self.breaker = breaker or OutageBreaker(workers)
+        # Room for the configured maximum plus as many abandoned threads (beyond that the process is
+        # sick and the watchdog ends it); threads start only as loops are submitted.
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=2 * MAX_WORKERS + 1, thread_name_prefix="invoicer-consumer")
+        # Rule: _lock guards _slots, _next_worker, workers, abandoned, _owed, _closed and _deferred. The main
+        # thread starts, resizes and joins; the reaper (observer thread) abandons and replaces loops;
+        # a loop removes its own slot when it ends.
+        self._lock = threading.Lock()
+        self._slots: dict[int, _Slot] = {}
+        self._next_worker = 0
+        self._closed = False
+        self._deferred: list[Part] = []   # parts of given-up calls the full results queue refused
+        self._owed = 0                    # loops given up and not replaced (too many calls hung)
+        self.workers = workers
+        self.abandoned = 0                # given-up calls whose threads still run
+        self.timed_out_total = 0
+        # Seconds one invoice takes, a moving average; written by consumers (a float store is atomic
+        # under the GIL), read by the producer to size chunks.
+        self.invoice_seconds = 0.0
+        self.gate = ConcurrencyGate(workers)  # how many loops process at once (CPU-bound work: few)
+        # The CPU every consumer thread is pinned to (INVOICER_CONSUMER_CPU; None: not pinned). Set to
+        # None by the first loop that finds the CPU unusable.
+        self.cpu = cpu
+        self._pin_lock = threading.Lock()  # Rule: guards the change of cpu to None, and its warning
+
+    # -- the main thread ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start ``workers`` consumer loops."""
+        with self._lock:
+            for _ in range(self.workers):
+                self._start_loop()
+
+    def resize(self, workers: int) -> None:
+        """Grow by starting loops, or shrink by queueing one retirement sentinel per surplus loop.
+
+        A retiring loop finishes the chunk it holds first, and the sentinel queues behind the work
+        already waiting, so no number is dropped or handed to two loops.
+        """
+        with self._lock:
+            for _ in range(self.workers, workers):
+                self._start_loop()
+            surplus = self.workers - workers
+            self.workers = workers
+        self.gate.resize(workers)
+        self.breaker.resize(workers)
+        for _ in range(surplus):
+            self._work.put_sentinel()
+
+    def retire_all(self) -> None:
+        """Queue one retirement sentinel per running loop (after the producer stopped)."""
+        with self._lock:
+            count = self.workers
+        for _ in range(count):
+            self._work.put_sentinel()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for every loop not given up to end; True once they all have (abandoned ones never count)."""
+        with self._lock:
+            futures = [slot.future for slot in self._slots.values() if slot.future is not None]
+        _done, pending = concurrent.futures.wait(futures, timeout)
+        if pending:
+            return False
+        with self._lock:  # a loop given up meanwhile was replaced: wait for its replacement too
+            return all(slot.future is None or slot.future.done() for slot in self._slots.values())
+
+    def close(self) -> None:
+        """After join(): stop reaping and hand the writer any part the results queue refused before."""
+        with self._lock:
+            self._closed = True
+            deferred, self._deferred = self._deferred, []
+        for part in deferred:
+            self._results.put(part)
+
+    # -- the reaper (the observer thread, once a tick) ------------------------------------------------
+
+    def reap(self, now: float) -> None:
+        """Give up every call past its deadline; lend the gate a place for every long call."""
+        long_calls = 0
+        with self._lock:
+            if self._closed:
+                return
+            self._flush_deferred()
+            for slot in list(self._slots.values()):
+                started = slot.call_started
+                if not started or slot.abandoned:
+                    continue
+                if now - started >= self._timeout:
+                    self._give_up(slot, started, now)
+                elif now - started >= LONG_CALL_S:
+                    long_calls += 1
+        self.gate.lend(long_calls)
+
+    def calls(self, now: float) -> tuple[int, float]:
+        """How many processor calls are under way, and the age of the oldest (0 if none)."""
+        started = [slot.call_started for slot in list(self._slots.values())
+                   if slot.call_started and not slot.abandoned]
+        return len(started), (now - min(started)) if started else 0.0
+
+    def _give_up(self, slot: _Slot, started: float, now: float) -> None:
+        with slot.lock:
+            if slot.call_started != started or slot.abandoned:
+                return  # the call returned meanwhile
+            slot.abandoned = True
+            chunk, index, start = slot.chunk, slot.index, slot.start
+            ok, failed = slot.ok, slot.failed
+        number = chunk[index]
+        error = InvoiceTimeoutError(f"processor call did not return within {self._timeout:g}s "
+                                    f"(running for {now - started:.1f}s); given up")
+        failed.append(failed_row(number, error, slot.attempt))
+        part = Part(chunk[start:index + 1], Batch(ok, failed))
+        try:
+            self._results.put_nowait(part)
+        except queue.Full:  # the writer is behind (a stalled disk?): hand it over on a later tick
+            self._deferred.append(part)
+        if index + 1 < len(chunk):
+            self._work.put_front(chunk[index + 1:])
+        del self._slots[slot.worker]
+        self.abandoned += 1
+        self.timed_out_total += 1
+        self.gate.release()  # the place the abandoned loop held
+        self.breaker.failure(number, error, probe=slot.probe)
+        log.error("invoice %d: %s; stored as failed", number, error,
+                  extra={"invoice": number, "worker": slot.worker, "abandoned": self.abandoned})
+        # A fresh loop takes the given-up one's place (and its retirement sentinel, if one is queued).
+        # With more calls hung than there are workers the process is sick: more threads would only pile
+        # up, so the place is owed until a hung call returns, and the watchdog ends the process.
+        if self.abandoned > self.workers:
+            self._owed += 1
+        else:
+            self._start_loop()
+
+    def _flush_deferred(self) -> None:
+        while self._deferred:
+            try:
+                self._results.put_nowait(self._deferred[0])
+            except queue.Full:
+                return
+            self._deferred.pop(0)
+
+    def _start_loop(self) -> None:
+        """Start one consumer loop; call with ``_lock`` held."""
+        slot = _Slot(self._next_worker)
+        self._next_worker += 1
+        self._slots[slot.worker] = slot
+        slot.future = self._executor.submit(self._consume, slot)
+
+    # -- the consumer loops -------------------------------------------------------------------------
+
+    def _consume(self, slot: _Slot) -> None:
+        gate = self.gate
+        chunks = 0
+        try:
+            self._pin()
+            gate.acquire()
+            try:
+                while (chunk := self._work.get()) is not None:
+                    chunks += 1
+                    # The thread CPU clock is a system call: sample one chunk in CPU_SAMPLE_EVERY.
+                    sampled = chunks % CPU_SAMPLE_EVERY == 0
+                    cpu_started = time.thread_time() if sampled else 0.0
+                    started = time.monotonic()
+                    if not self._process_chunk(chunk, slot):
+                        return  # given up: the reaper took the chunk over and released the place
+                    wall = time.monotonic() - started
+                    self.invoice_seconds += (wall / len(chunk) - self.invoice_seconds) * 0.2
+                    cpu = time.thread_time() - cpu_started if sampled else 0.0
+                    if gate.report(cpu, wall if sampled else 0.0):  # the limit fell: queue up again
+                        gate.acquire()
+            finally:
+                if not slot.abandoned:
+                    gate.release()
+        except BaseException as exc:  # a broken loop (not a broken invoice) ends the process loudly
+            self._on_fatal(f"consumer {slot.worker}", exc)
+        finally:
+            with self._lock:
+                if slot.abandoned:
+                    self.abandoned -= 1  # the stuck call came back at last; its result was discarded
+                    if self._owed and not self._closed:
+                        self._owed -= 1
+                        self._start_loop()
+                elif self._slots.get(slot.worker) is slot:
+                    del self._slots[slot.worker]
+
+    def _pin(self) -> None:
+        cpu = self.cpu
+        if cpu is None:
+            return
+        try:
+            os.sched_setaffinity(0, {cpu})  # 0: the calling thread only
+        except OSError as exc:  # e.g. the cgroup's cpuset lost that CPU after start-up
+            with self._pin_lock:
+                first, self.cpu = self.cpu is not None, None
+            if first:
+                log.warning("consumer threads are not pinned: CPU %d cannot be used (%s)", cpu,
+                            exc.strerror, extra={"cpu": cpu})
+
+    def _process_chunk(self, chunk: Chunk, slot: _Slot) -> bool:
+        """Process every number of ``chunk``, handing rows over as they age; False if given up."""
+        slot.chunk, slot.start, slot.ok, slot.failed = chunk, 0, [], []
+        handed_at = time.monotonic()
+        for index in range(len(chunk)):
+            slot.index = index
+            if not self._invoice(chunk[index], slot):
+                return False
+            if time.monotonic() - handed_at >= HANDOFF_S:
+                self._hand_over(slot, index + 1)
+                handed_at = time.monotonic()
+        if len(chunk) > slot.start:
+            self._hand_over(slot, len(chunk))
+        return True
+
+    def _hand_over(self, slot: _Slot, done: int) -> None:
+        with slot.lock:
+            part = Part(slot.chunk[slot.start:done], Batch(slot.ok, slot.failed))
+            slot.ok, slot.failed, slot.start = [], [], done
+        self._results.put(part)
+
+    def _invoice(self, number: int, slot: _Slot) -> bool:
+        """Process one invoice into the slot's results; False if the reaper gave the loop up meanwhile."""
+        breaker = self.breaker
+        attempt = 1
+        probes = 0
+        while True:
+            slot.probe = breaker.admit() if breaker.paused else False
+            slot.attempt = attempt
+            slot.call_started = time.monotonic()
+            try:
+                values = invoice_values(number, self._processor(number), attempt)
+            except Exception as exc:  # one bad invoice never kills the pool
+                error = exc
+            else:
+                with slot.lock:
+                    slot.call_started = 0.0
+                    if slot.abandoned:
+                        return False
+                    slot.ok += values
+                if breaker.streak:
+                    breaker.success()
+                return True
+            with slot.lock:
+                slot.call_started = 0.0
+                if slot.abandoned:
+                    return False
+            probes += slot.probe
+            outage = breaker.failure(number, error, probe=slot.probe, first=attempt == 1 and not probes)
+            if outage and probes < MAX_PROBES:
+                continue  # an outage: wait for the service, spend no attempt
+            if outage:
+                log.error("invoice %d failed %d probes of a paused service; stored as failed: %s", number,
+                          probes, describe(error), extra={"invoice": number, "worker": slot.worker})
+            elif retry_or_give_up(number, error, attempt, slot.worker):
+                attempt += 1
+                continue
+            with slot.lock:
+                slot.failed.append(failed_row(number, error, attempt))
+            return True

@@ -1,0 +1,141 @@
+"""OutageBreaker with a fake clock: outage versus poison, probes in turn, backoff, resumption."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from invoicer.outage import (
+    FIRST_BACKOFF_S,
+    MAX_BACKOFF_S,
+    MAX_OUTAGE_INVOICES,
+    OUTAGE_INVOICES,
+    OutageBreaker,
+    describe,
+)
+
+
+class FakeClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_failures_across_different_invoices_pause() -> None:
+    """OUTAGE_INVOICES different invoices failing in a row is an outage: the last failure pauses."""
+    breaker = OutageBreaker(clock=FakeClock())
+    results = [breaker.failure(n, ConnectionError("refused")) for n in range(1, OUTAGE_INVOICES + 1)]
+    assert results == [False] * (OUTAGE_INVOICES - 1) + [True]
+    assert breaker.paused
+    assert breaker.error == "ConnectionError: refused"
+    assert breaker.failure(99, ConnectionError("still refused"))  # in flight before the pause: not counted
+    assert breaker.error == "ConnectionError: still refused"
+
+
+def test_retries_failing_in_a_row_are_poison() -> None:
+    """Retries of different invoices failing back to back (their backoffs end together) make no outage."""
+    breaker = OutageBreaker(clock=FakeClock())
+    assert not any(breaker.failure(n, ValueError("bad"), first=False) for n in range(1, 50))
+    assert not breaker.paused
+
+
+@pytest.mark.parametrize(("workers", "threshold"),
+                         [(1, OUTAGE_INVOICES), (8, 8), (64, MAX_OUTAGE_INVOICES)])
+def test_the_streak_follows_the_worker_count(workers: int, threshold: int) -> None:
+    """An outage takes one failing invoice per worker, within OUTAGE_INVOICES..MAX_OUTAGE_INVOICES."""
+    breaker = OutageBreaker(workers, clock=FakeClock())
+    assert [breaker.failure(n, OSError("down")) for n in range(threshold)][-2:] == [False, True]
+
+
+def test_one_invoice_failing_again_and_again_is_poison() -> None:
+    """However often one invoice fails, it is one invoice: no pause, its attempts count."""
+    breaker = OutageBreaker(clock=FakeClock())
+    assert not any(breaker.failure(7, ValueError("bad order")) for _ in range(50))
+    assert not breaker.paused
+
+
+def test_a_success_between_failures_keeps_them_poison() -> None:
+    """Failures interleaved with successes never make an outage."""
+    breaker = OutageBreaker(clock=FakeClock())
+    for number in range(1, 100):
+        if number % 2:
+            assert not breaker.failure(number, ValueError("bad"))
+        else:
+            breaker.success()
+    assert not breaker.paused
+
+
+def test_probes_wait_their_backoff_and_a_success_resumes() -> None:
+    """Paused, a probe is admitted once its backoff has passed; its failure doubles it; a success resumes."""
+    clock = FakeClock()
+    breaker = OutageBreaker(clock=clock)
+    for number in range(OUTAGE_INVOICES):
+        breaker.failure(number, ConnectionError("down"))
+    clock.now += FIRST_BACKOFF_S
+    assert breaker.admit() is True  # due: this call probes
+    breaker.failure(1, ConnectionError("down"), probe=True)
+    clock.now += 2 * FIRST_BACKOFF_S
+    assert breaker.admit() is True
+    breaker.success()
+    assert not breaker.paused
+    assert breaker.error == ""
+    assert breaker.admit() is False  # not paused: no waiting, not a probe
+
+
+def test_backoff_is_capped() -> None:
+    """However long the outage, probes come at least every MAX_BACKOFF_S."""
+    clock = FakeClock()
+    breaker = OutageBreaker(clock=clock)
+    for number in range(OUTAGE_INVOICES):
+        breaker.failure(number, ConnectionError("down"))
+    for _ in range(20):
+        clock.now += MAX_BACKOFF_S
+        assert breaker.admit() is True
+        breaker.failure(1, ConnectionError("down"), probe=True)
+
+
+def test_only_one_probe_at_a_time_and_others_resume_with_it() -> None:
+    """While one call probes, the other callers wait; the probe's success lets them all go, not as probes."""
+    clock = FakeClock()
+    breaker = OutageBreaker(clock=clock)
+    for number in range(OUTAGE_INVOICES):
+        breaker.failure(number, ConnectionError("down"))
+    clock.now += FIRST_BACKOFF_S
+    assert breaker.admit() is True
+    admitted: list[bool] = []
+    waiting = [threading.Thread(target=lambda: admitted.append(breaker.admit())) for _ in range(3)]
+    for thread in waiting:
+        thread.start()
+    for thread in waiting:
+        thread.join(0.05)
+        assert thread.is_alive()  # held back while the probe runs
+    breaker.success()
+    for thread in waiting:
+        thread.join(5)
+    assert admitted == [False, False, False]
+
+
+def test_the_producer_waits_for_the_pause_to_end() -> None:
+    """wait_resumed() returns False while paused (after its timeout) and True once resumed."""
+    breaker = OutageBreaker(clock=FakeClock())
+    assert breaker.wait_resumed(0)
+    for number in range(OUTAGE_INVOICES):
+        breaker.failure(number, ConnectionError("down"))
+    assert not breaker.wait_resumed(0.01)
+    breaker.success()
+    assert breaker.wait_resumed(0)
+
+
+@pytest.mark.parametrize(("exc", "text"), [
+    (ConnectionError("refused"), "ConnectionError: refused"),
+    (TimeoutError(), "TimeoutError"),
+    (ValueError("two\nlines"), "ValueError: two lines"),
+], ids=["message", "no-message", "newline"])
+def test_errors_are_described_on_one_line(exc: BaseException, text: str) -> None:
+    """An error becomes one line with its type, as STATUS= needs."""
+    assert describe(exc) == text
