@@ -58,12 +58,16 @@ MAX_TIMEOUT_S = 600.0
 RETRIED_STATUSES = frozenset({408, 429, 502, 503, 504})
 EXCERPT_CHARS = 200
 MAX_BODY_BYTES = 64 * 1024     # read at most this much of an answer
-# What connect() or socket() fail with when the unit closes the network: RestrictAddressFamilies=
-# (EAFNOSUPPORT), IPAddressDeny= (EPERM, from the cgroup's packet filter), PrivateNetwork= (ENETUNREACH:
-# a namespace with only a loopback device has no route to anywhere else).
-CLOSED_NETWORK_ERRNOS = frozenset({errno.EAFNOSUPPORT, errno.EPERM, errno.ENETUNREACH})
-DROP_IN_HINT = ("the network is closed to this service; install /usr/share/doc/invoicer/examples/"
-                "network.conf as a drop-in, see README")
+# What socket() or connect() fail with when the unit closes the network, and the setting that does it:
+# ENETUNREACH comes from a namespace with only a loopback device, EPERM from the cgroup's packet filter.
+CLOSED_NETWORK = {
+    errno.EAFNOSUPPORT: "RestrictAddressFamilies=",
+    errno.EPERM: "IPAddressDeny=",
+    errno.ENETUNREACH: "PrivateNetwork=",
+}
+DROP_IN_HINT = ("the network is closed to this service ({setting}); install "
+                "/usr/share/doc/invoicer/examples/network.conf as a drop-in, with the service's address "
+                "in IPAddressAllow=, see README")
 
 
 class HTTPStatusError(RuntimeError):
@@ -170,8 +174,7 @@ class InvoicePoster:
                 if attempt == ATTEMPTS:
                     raise retry.error from None
                 wait = self._backoff(attempt, retry.wait)
-                log.warning("POST %s for invoice %d: %s; retrying in %.2f s", self.settings.url,
-                            invoice.id, retry.error, wait,
+                log.warning("invoice %d: %s; retrying in %.2f s", invoice.id, retry.error, wait,
                             extra={"invoice": invoice.id, "attempt": attempt, "retry_in": round(wait, 3)})
                 self._sleep(wait)
 
@@ -203,8 +206,9 @@ class InvoicePoster:
         except http.client.HTTPException as exc:  # an answer cut short or garbled: worth another try
             raise _RetryableError(ConnectionError(f"{where}: {type(exc).__name__}: {exc}")) from None
         except OSError as exc:
-            if exc.errno in CLOSED_NETWORK_ERRNOS:
-                raise NetworkClosedError(f"{where}: {exc}: {DROP_IN_HINT}") from None
+            if exc.errno in CLOSED_NETWORK:
+                hint = DROP_IN_HINT.format(setting=CLOSED_NETWORK[exc.errno])
+                raise NetworkClosedError(f"{where}: {exc}: {hint}") from None
             raise ConnectionError(f"{where}: {exc}") from None  # e.g. the name does not resolve
         finally:
             connection.close()
