@@ -189,6 +189,23 @@ def test_a_service_that_never_answers_times_out(example: ModuleType, poster: Inv
     assert waits == [0.25, 0.5]
 
 
+def test_a_connect_that_times_out_names_ip_address_allow(example: ModuleType, waits: list[float]) -> None:
+    """A connect that times out (as IPAddressDeny= makes it) is retried, then names IPAddressAllow=."""
+    with socket.socket() as listener, socket.socket() as filler:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)  # one pending connection fills the backlog; the kernel drops further SYNs
+        filler.connect(listener.getsockname())
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/invoices"
+        poster = example.InvoicePoster(example.HttpSettings(url, 0.2), sleep=waits.append)
+        with pytest.raises(TimeoutError) as raised:
+            poster.post(build_invoice(4))
+    assert str(raised.value) == (
+        f"POST {url}: could not connect within 0.2 s (INVOICER_HTTP_TIMEOUT); the service is down or "
+        "unreachable, or IPAddressAllow= in this service's network drop-in does not list its address, "
+        "see README")
+    assert len(waits) == 2
+
+
 def test_many_threads_post_at_once(example: ModuleType, service: InvoiceService) -> None:
     """Sixteen threads calling process() together: each invoice arrives once, with its own key."""
     results: dict[int, object] = {}

@@ -23,7 +23,8 @@ answers 408, 429, 502, 503 and 504, after a backoff of BACKOFF_S doubling (with 
 not come back at once) or the answer's ``Retry-After`` (at most RETRY_AFTER_CAP_S). Anything else raises
 at once: other 4xx and 5xx answers (:class:`HTTPStatusError`, naming the status and the start of the body)
 and a network closed to the service (:class:`NetworkClosedError`: the unit forbids the network unless its
-drop-in is installed). Every error is one line that starts with ``POST <url>:``. A call takes at most
+drop-in is installed; with the drop-in, an address missing from its ``IPAddressAllow=`` shows as a
+connect timeout). Every error is one line that starts with ``POST <url>:``. A call takes at most
 about ATTEMPTS x 2 x the timeout plus the waits between them (a service that answers, but byte by byte,
 can hold it longer); keep that well below half of ``WatchdogSec=``.
 
@@ -59,7 +60,8 @@ RETRIED_STATUSES = frozenset({408, 429, 502, 503, 504})
 EXCERPT_CHARS = 200
 MAX_BODY_BYTES = 64 * 1024     # read at most this much of an answer
 # What socket() or connect() fail with when the unit closes the network, and the setting that does it:
-# ENETUNREACH comes from a namespace with only a loopback device, EPERM from the cgroup's packet filter.
+# ENETUNREACH comes from a namespace with only a loopback device, EPERM from the cgroup's packet filter
+# (for datagrams; a TCP connection it blocks times out instead, see CONNECT_HINT).
 CLOSED_NETWORK = {
     errno.EAFNOSUPPORT: "RestrictAddressFamilies=",
     errno.EPERM: "IPAddressDeny=",
@@ -68,6 +70,10 @@ CLOSED_NETWORK = {
 DROP_IN_HINT = ("the network is closed to this service ({setting}); install "
                 "/usr/share/doc/invoicer/examples/network.conf as a drop-in, with the service's address "
                 "in IPAddressAllow=, see README")
+
+# IPAddressDeny= drops a TCP connection's packets rather than failing connect(): it times out.
+CONNECT_HINT = ("the service is down or unreachable, or IPAddressAllow= in this service's network drop-in "
+                "does not list its address, see README")
 
 
 class HTTPStatusError(RuntimeError):
@@ -193,13 +199,19 @@ class InvoicePoster:
         """One request on its own connection: return on 2xx; raise _RetryableError or the final error."""
         where = f"POST {self.settings.url}"
         connection = self._connection()
+        connected = False
         try:
+            connection.connect()  # on its own: a connect that times out has a likely cause of its own
+            connected = True
             connection.request("POST", self._target, body=body, headers=headers)
             response = connection.getresponse()
             excerpt = response.read(MAX_BODY_BYTES).decode("utf-8", "replace")
         except TimeoutError:
-            raise _RetryableError(TimeoutError(f"{where}: no answer within {self.settings.timeout:g} s "
-                                      "(INVOICER_HTTP_TIMEOUT)")) from None
+            timeout = f"within {self.settings.timeout:g} s (INVOICER_HTTP_TIMEOUT)"
+            if connected:
+                raise _RetryableError(TimeoutError(f"{where}: no answer {timeout}")) from None
+            unreachable = TimeoutError(f"{where}: could not connect {timeout}; {CONNECT_HINT}")
+            raise _RetryableError(unreachable) from None
         except ConnectionError as exc:
             # Refused, reset, or closed without an answer (RemoteDisconnected is a ConnectionResetError).
             raise _RetryableError(ConnectionError(f"{where}: {exc}")) from None
