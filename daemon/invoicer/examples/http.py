@@ -61,7 +61,7 @@ EXCERPT_CHARS = 200
 MAX_BODY_BYTES = 64 * 1024     # read at most this much of an answer
 # What socket() or connect() fail with when the unit closes the network, and the setting that does it:
 # ENETUNREACH comes from a namespace with only a loopback device, EPERM from the cgroup's packet filter
-# (for datagrams; a TCP connection it blocks times out instead, see CONNECT_HINT).
+# where it fails a send outright (a TCP connect it blocks times out instead, see CONNECT_HINT).
 CLOSED_NETWORK = {
     errno.EAFNOSUPPORT: "RestrictAddressFamilies=",
     errno.EPERM: "IPAddressDeny=",
