@@ -389,3 +389,24 @@ def test_power_cut_wal_states_lose_no_commit(faultfs: FaultMount, shell: SqlShel
     assert found[0] == set(range(20))
     assert 2 not in found  # the stalled transaction never committed
     assert found.get(1, set()) == ({0} if checkpoint == "NONE" else set())
+
+
+def test_header_damaged_after_use_is_refused_because_sqlite_drops_commits(
+        tmp_path: Path, wal_state: Callable[[Path], tuple[str, str]]) -> None:
+    """A live log whose header checksum is damaged loses committed rows in SQLite; the rule refuses it."""
+    live, copy = tmp_path / "live.db", tmp_path / "copy.db"
+    connection = sqlite3.connect(live, isolation_level=None)
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("PRAGMA wal_autocheckpoint=0")
+    connection.execute("CREATE TABLE items (worker INTEGER, n INTEGER, payload BLOB)")
+    for n in range(5):
+        connection.execute("INSERT INTO items VALUES (0, ?, randomblob(100))", (n,))
+    # The files as a crash would leave them (the open connection keeps its log), the header's checksum hit.
+    copy.write_bytes(live.read_bytes())
+    wal = bytearray(Path(f"{live}-wal").read_bytes())
+    connection.close()
+    wal[24] ^= 0xFF
+    Path(f"{copy}-wal").write_bytes(wal)
+    assert wal_state(Path(f"{copy}-wal")) == ("refuse", "header-damaged-after-use")
+    with pytest.raises(sqlite3.OperationalError, match="no such table"):
+        rows(copy)  # SQLite ignored the whole log: the table and its five commits are gone
