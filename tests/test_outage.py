@@ -1,4 +1,4 @@
-"""OutageBreaker with a fake clock: outage versus poison, probes in turn, backoff, resumption."""
+"""OutageBreaker with a fake clock: outage versus poison, stragglers, probes in turn, backoff, resumption."""
 
 from __future__ import annotations
 
@@ -26,85 +26,100 @@ class FakeClock:
         return self.now
 
 
+def paused_breaker(clock: FakeClock) -> OutageBreaker:
+    """A breaker that has just paused for an outage."""
+    breaker = OutageBreaker(clock=clock)
+    for number in range(OUTAGE_INVOICES):
+        breaker.failure(number, ConnectionError("down"), started=clock.now)
+    assert breaker.paused
+    return breaker
+
+
 def test_failures_across_different_invoices_pause() -> None:
-    """OUTAGE_INVOICES different invoices failing in a row is an outage: the last failure pauses."""
+    """OUTAGE_INVOICES different invoices failing with no success after them is an outage."""
     breaker = OutageBreaker(clock=FakeClock())
-    results = [breaker.failure(n, ConnectionError("refused")) for n in range(1, OUTAGE_INVOICES + 1)]
+    results = [breaker.failure(n, ConnectionError("refused"), started=100.0)
+               for n in range(1, OUTAGE_INVOICES + 1)]
     assert results == [False] * (OUTAGE_INVOICES - 1) + [True]
     assert breaker.paused
     assert breaker.error == "ConnectionError: refused"
-    assert breaker.failure(99, ConnectionError("still refused"))  # in flight before the pause: not counted
-    assert breaker.error == "ConnectionError: still refused"
-
-
-def test_retries_failing_in_a_row_are_poison() -> None:
-    """Retries of different invoices failing back to back (their backoffs end together) make no outage."""
-    breaker = OutageBreaker(clock=FakeClock())
-    assert not any(breaker.failure(n, ValueError("bad"), first=False) for n in range(1, 50))
-    assert not breaker.paused
+    assert breaker.failure(99, ConnectionError("still"), started=100.0)  # in flight: not an attempt
+    assert breaker.error == "ConnectionError: still"
 
 
 @pytest.mark.parametrize(("workers", "threshold"),
                          [(1, OUTAGE_INVOICES), (8, 8), (64, MAX_OUTAGE_INVOICES)])
-def test_the_streak_follows_the_worker_count(workers: int, threshold: int) -> None:
+def test_the_outage_follows_the_worker_count(workers: int, threshold: int) -> None:
     """An outage takes one failing invoice per worker, within OUTAGE_INVOICES..MAX_OUTAGE_INVOICES."""
     breaker = OutageBreaker(workers, clock=FakeClock())
-    assert [breaker.failure(n, OSError("down")) for n in range(threshold)][-2:] == [False, True]
+    outcomes = [breaker.failure(n, OSError("down"), started=100.0) for n in range(threshold)]
+    assert outcomes[-2:] == [False, True]
 
 
 def test_one_invoice_failing_again_and_again_is_poison() -> None:
     """However often one invoice fails, it is one invoice: no pause, its attempts count."""
     breaker = OutageBreaker(clock=FakeClock())
-    assert not any(breaker.failure(7, ValueError("bad order")) for _ in range(50))
+    assert not any(breaker.failure(7, ValueError("bad"), started=100.0 + n) for n in range(50))
     assert not breaker.paused
 
 
-def test_a_success_between_failures_keeps_them_poison() -> None:
-    """Failures interleaved with successes never make an outage."""
+def test_retries_of_invoices_cleared_by_a_later_success_never_pause() -> None:
+    """Invoices that failed before a later-started call succeeded are poison: their retries do not count."""
     breaker = OutageBreaker(clock=FakeClock())
-    for number in range(1, 100):
-        if number % 2:
-            assert not breaker.failure(number, ValueError("bad"))
-        else:
-            breaker.success()
+    for number in range(1, 9):  # eight poison invoices fail first, each followed by a success
+        assert not breaker.failure(number, ValueError("bad"), started=float(number))
+        breaker.success(100 + number, started=number + 0.5)
+    for number in range(1, 9):  # their retries come due together and fail back to back
+        assert not breaker.failure(number, ValueError("bad"), started=50.0)
     assert not breaker.paused
+
+
+def test_a_straggler_success_does_not_hide_an_outage() -> None:
+    """A call that started before the failures and succeeds after them clears nothing."""
+    breaker = OutageBreaker(clock=FakeClock())
+    for number in range(1, OUTAGE_INVOICES):
+        breaker.failure(number, ConnectionError("down"), started=10.0)
+    breaker.success(99, started=9.0)
+    assert breaker.failure(OUTAGE_INVOICES, ConnectionError("down"), started=10.0)
 
 
 def test_probes_wait_their_backoff_and_a_success_resumes() -> None:
     """Paused, a probe is admitted once its backoff has passed; its failure doubles it; a success resumes."""
     clock = FakeClock()
-    breaker = OutageBreaker(clock=clock)
-    for number in range(OUTAGE_INVOICES):
-        breaker.failure(number, ConnectionError("down"))
+    breaker = paused_breaker(clock)
     clock.now += FIRST_BACKOFF_S
     assert breaker.admit() is True  # due: this call probes
-    breaker.failure(1, ConnectionError("down"), probe=True)
+    breaker.failure(1, ConnectionError("down"), started=clock.now, probe=True)
     clock.now += 2 * FIRST_BACKOFF_S
     assert breaker.admit() is True
-    breaker.success()
+    breaker.success(1, started=clock.now)
     assert not breaker.paused
     assert breaker.error == ""
     assert breaker.admit() is False  # not paused: no waiting, not a probe
 
 
+def test_a_straggler_success_does_not_resume() -> None:
+    """Only a call begun after the pause (a probe) can end it."""
+    clock = FakeClock()
+    breaker = paused_breaker(clock)
+    breaker.success(42, started=clock.now - 1)
+    assert breaker.paused
+
+
 def test_backoff_is_capped() -> None:
     """However long the outage, probes come at least every MAX_BACKOFF_S."""
     clock = FakeClock()
-    breaker = OutageBreaker(clock=clock)
-    for number in range(OUTAGE_INVOICES):
-        breaker.failure(number, ConnectionError("down"))
+    breaker = paused_breaker(clock)
     for _ in range(20):
         clock.now += MAX_BACKOFF_S
         assert breaker.admit() is True
-        breaker.failure(1, ConnectionError("down"), probe=True)
+        breaker.failure(1, ConnectionError("down"), started=clock.now, probe=True)
 
 
 def test_only_one_probe_at_a_time_and_others_resume_with_it() -> None:
     """While one call probes, the other callers wait; the probe's success lets them all go, not as probes."""
     clock = FakeClock()
-    breaker = OutageBreaker(clock=clock)
-    for number in range(OUTAGE_INVOICES):
-        breaker.failure(number, ConnectionError("down"))
+    breaker = paused_breaker(clock)
     clock.now += FIRST_BACKOFF_S
     assert breaker.admit() is True
     admitted: list[bool] = []
@@ -114,7 +129,7 @@ def test_only_one_probe_at_a_time_and_others_resume_with_it() -> None:
     for thread in waiting:
         thread.join(0.05)
         assert thread.is_alive()  # held back while the probe runs
-    breaker.success()
+    breaker.success(1, started=clock.now)
     for thread in waiting:
         thread.join(5)
     assert admitted == [False, False, False]
@@ -122,12 +137,12 @@ def test_only_one_probe_at_a_time_and_others_resume_with_it() -> None:
 
 def test_the_producer_waits_for_the_pause_to_end() -> None:
     """wait_resumed() returns False while paused (after its timeout) and True once resumed."""
-    breaker = OutageBreaker(clock=FakeClock())
+    clock = FakeClock()
+    breaker = OutageBreaker(clock=clock)
     assert breaker.wait_resumed(0)
-    for number in range(OUTAGE_INVOICES):
-        breaker.failure(number, ConnectionError("down"))
+    breaker = paused_breaker(clock)
     assert not breaker.wait_resumed(0.01)
-    breaker.success()
+    breaker.success(1, started=clock.now)
     assert breaker.wait_resumed(0)
 
 

@@ -1,16 +1,17 @@
 """OutageBreaker: tells a processor outage (its service is down) from poison invoices, and pauses for it.
 
-A failure streak across several *different* invoices with no success in between means the processor's
-service is down, not that those invoices are bad. Then the consumers stop spending attempts (which
-would store every invoice in flight as failed): they wait, and one call at a time probes the service
-with capped exponential backoff, in turn (a ticket queue), until a call succeeds and every consumer
-resumes. An invoice that fails while others succeed never builds a streak of different invoices: it is
-poison, and is stored as failed after its attempts, as before.
+Failures of several *different* invoices with no success after them mean the processor's service is
+down, not that those invoices are bad. Then the consumers stop spending attempts (which would store
+every invoice in flight as failed): they wait, and one call at a time probes the service with capped
+exponential backoff, in turn (a ticket queue), until a call succeeds and every consumer resumes.
 
-Only first attempts build the streak: retries of poison invoices come due together (every consumer
-sleeps the same backoff) and would fail in a row while the invoices around them succeed. The streak
-needed grows with the worker count (more invoices in flight at once), from OUTAGE_INVOICES to
-MAX_OUTAGE_INVOICES.
+"After" is by the calls' start times: a call that started before an invoice failed and succeeds later
+says nothing about the service now (it is a straggler from before the outage), while a call that
+started later and succeeds clears every invoice that failed before it: those are poison, and their
+further failures no longer count. So an invoice that fails while others succeed is stored as failed
+after its attempts, as before, even when the retries of many such invoices come due together. The
+number of different invoices that makes an outage grows with the worker count (more invoices are in
+flight at once), from OUTAGE_INVOICES to MAX_OUTAGE_INVOICES.
 
 One invoice can be the failing probe at most MAX_PROBES times; after that it counts as poison too.
 Without that bound, one worker behind a run of bad orders would probe with the same bad order forever.
@@ -41,25 +42,30 @@ def describe(exc: BaseException) -> str:
 
 
 class OutageBreaker:
-    """Counts failures across invoices; while ``paused``, admits one probe call at a time."""
+    """Tracks failing invoices; while ``paused``, admits one probe call at a time."""
 
     def __init__(self, workers: int = 1, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self.threshold = OUTAGE_INVOICES
         self.resize(workers)
-        # Rule: _cond's lock guards every attribute below; ``paused`` and ``streak`` may be read without
-        # it as hints (the consumers' fast path), and are confirmed under it.
+        # Rule: _cond's lock guards every attribute below; ``paused`` and ``tracking`` may be read
+        # without it as hints (the consumers' fast path), and are confirmed under it.
         self._cond = threading.Condition(threading.Lock())
         self.paused = False
-        self.streak = 0                  # failures since the last success
+        self.tracking = False            # anything in _suspects or _cleared: a success has work to do
         self.error = ""                  # the latest failure while paused, for STATUS=
-        self._failing: set[int] = set()  # different invoices in the streak (at most the threshold)
+        self._suspects: dict[int, float] = {}  # failing invoice -> start of its first failed call
+        self._cleared: set[int] = set()  # failing invoices a later call's success showed to be poison
         self._paused_at = 0.0
         self._backoff = FIRST_BACKOFF_S
         self._next_probe = 0.0
         self._probing = False
         self._tickets: collections.deque[int] = collections.deque()
         self._counter = itertools.count()
+
+    def resize(self, workers: int) -> None:
+        """Follow the worker count: an outage takes one failing invoice per worker, within bounds."""
+        self.threshold = max(OUTAGE_INVOICES, min(MAX_OUTAGE_INVOICES, workers))
 
     def admit(self) -> bool:
         """Wait while paused until it is the caller's turn to probe; True if the call is a probe."""
@@ -80,32 +86,28 @@ class OutageBreaker:
                 self._tickets.remove(ticket)
                 self._cond.notify_all()  # the next ticket may be first now
 
-    def success(self) -> None:
-        """Record a successful call: the streak ends, and a pause with it."""
+    def success(self, number: int, started: float) -> None:
+        """Record that the call for ``number`` begun at ``started`` succeeded."""
         with self._cond:
-            self.streak = 0
-            self._failing.clear()
-            if self.paused:
-                paused_for = self._clock() - self._paused_at
-                self.paused = self._probing = False
-                self.error = ""
-                self._cond.notify_all()
-                log.warning("processor calls succeed again: intake resumed after %.1fs", paused_for,
-                            extra={"event": "resumed", "paused_seconds": round(paused_for, 3)})
+            self._cleared.discard(number)
+            self._suspects.pop(number, None)
+            for suspect, failed in list(self._suspects.items()):
+                if failed < started:  # it failed before this call began: poison, not an outage
+                    del self._suspects[suspect]
+                    self._cleared.add(suspect)
+            if self.paused and started >= self._paused_at:
+                self._resume()
+            self.tracking = bool(self._suspects or self._cleared)
 
-    def resize(self, workers: int) -> None:
-        """Follow the worker count: the streak that makes an outage is one invoice per worker, bounded."""
-        self.threshold = max(OUTAGE_INVOICES, min(MAX_OUTAGE_INVOICES, workers))
-
-    def failure(self, number: int, exc: BaseException, *, probe: bool = False, first: bool = True) -> bool:
-        """Record a failed call; True if an outage is on, so the failure must not count as an attempt.
-
-        ``first``: the invoice's first attempt (only those build a streak).
-        """
+    def finished(self, number: int) -> None:
+        """Forget ``number``: it was stored as failed (or given up)."""
         with self._cond:
-            self.streak += 1
-            if first and len(self._failing) < self.threshold:
-                self._failing.add(number)
+            self._cleared.discard(number)
+            self.tracking = bool(self._suspects or self._cleared)
+
+    def failure(self, number: int, exc: BaseException, *, started: float, probe: bool = False) -> bool:
+        """Record that a call for ``number`` failed; True if an outage is on (the attempt must not count)."""
+        with self._cond:
             if self.paused:
                 self.error = describe(exc)
                 if probe:
@@ -114,18 +116,31 @@ class OutageBreaker:
                     self._backoff = min(MAX_BACKOFF_S, self._backoff * 2)
                     self._cond.notify_all()
                 return True
-            if len(self._failing) >= self.threshold:
-                self.paused = True
-                self.error = describe(exc)
-                self._paused_at = self._clock()
-                self._backoff = FIRST_BACKOFF_S
-                self._next_probe = self._paused_at + self._backoff
-                self._backoff *= 2
-                log.warning("processor calls fail across %d different invoices: an outage, not bad "
-                            "invoices; intake paused, probing with backoff: %s", self.threshold,
-                            self.error, extra={"event": "paused", "error": self.error})
-                return True
-            return False
+            if number not in self._cleared:
+                self._suspects.setdefault(number, started)
+            self.tracking = True
+            if len(self._suspects) < self.threshold:
+                return False
+            self.paused = True
+            self.error = describe(exc)
+            self._paused_at = self._clock()
+            self._backoff = FIRST_BACKOFF_S
+            self._next_probe = self._paused_at + self._backoff
+            self._backoff *= 2
+            log.warning("processor calls fail for %d different invoices and none succeeds: an outage, "
+                        "not bad invoices; intake paused, probing with backoff: %s", self.threshold,
+                        self.error, extra={"event": "paused", "error": self.error})
+            return True
+
+    def _resume(self) -> None:
+        paused_for = self._clock() - self._paused_at
+        self.paused = self._probing = False
+        self.error = ""
+        self._suspects.clear()  # they failed for the outage: each gets its attempts again
+        self._cleared.clear()
+        self._cond.notify_all()
+        log.warning("processor calls succeed again: intake resumed after %.1fs", paused_for,
+                    extra={"event": "resumed", "paused_seconds": round(paused_for, 3)})
 
     def wait_resumed(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for a pause to end; True if not paused (the producer's wait)."""

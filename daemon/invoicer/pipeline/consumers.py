@@ -205,7 +205,8 @@ class ConsumerPool:
         self.abandoned += 1
         self.timed_out_total += 1
         self.gate.release()  # the place the abandoned loop held
-        self.breaker.failure(number, error, probe=slot.probe)
+        self.breaker.failure(number, error, started=started, probe=slot.probe)
+        self.breaker.finished(number)
         log.error("invoice %d: %s; stored as failed", number, error,
                   extra={"invoice": number, "worker": slot.worker, "abandoned": self.abandoned})
         # A fresh loop takes the given-up one's place (and its retirement sentinel, if one is queued).
@@ -310,7 +311,7 @@ class ConsumerPool:
         while True:
             slot.probe = breaker.admit() if breaker.paused else False
             slot.attempt = attempt
-            slot.call_started = time.monotonic()
+            slot.call_started = started = time.monotonic()
             try:
                 values = invoice_values(number, self._processor(number), attempt)
             except Exception as exc:  # one bad invoice never kills the pool
@@ -321,15 +322,15 @@ class ConsumerPool:
                     if slot.abandoned:
                         return False
                     slot.ok += values
-                if breaker.streak:
-                    breaker.success()
+                if breaker.tracking or breaker.paused:
+                    breaker.success(number, started)
                 return True
             with slot.lock:
                 slot.call_started = 0.0
                 if slot.abandoned:
                     return False
             probes += slot.probe
-            outage = breaker.failure(number, error, probe=slot.probe, first=attempt == 1 and not probes)
+            outage = breaker.failure(number, error, started=started, probe=slot.probe)
             if outage and probes < MAX_PROBES:
                 continue  # an outage: wait for the service, spend no attempt
             if outage:
@@ -338,6 +339,7 @@ class ConsumerPool:
             elif retry_or_give_up(number, error, attempt, slot.worker):
                 attempt += 1
                 continue
+            breaker.finished(number)
             with slot.lock:
                 slot.failed.append(failed_row(number, error, attempt))
             return True
