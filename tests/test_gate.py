@@ -110,3 +110,77 @@ def test_resize_follows_the_worker_count() -> None:
     assert gate.limit == 4
     gate.resize(32)
     assert gate.limit == 32
+
+
+def cpu_bound(workers: int) -> ConcurrencyGate:
+    """A gate whose measurements say: every chunk runs on the CPU the whole time."""
+    gate = ConcurrencyGate(workers, cpus=4)
+    report_many(gate, 0.001, 0.001)
+    return gate
+
+
+def test_places_are_lent_to_long_calls() -> None:
+    """lend(n) lets n more consumers in past the limit, and taking it back lets the surplus step out."""
+    gate = cpu_bound(4)
+    assert gate.limit == 1
+    gate.acquire()
+    waiter = threading.Thread(target=gate.acquire)
+    waiter.start()
+    waiter.join(0.05)
+    assert waiter.is_alive()  # the one place is held (by a hung call, say)
+    gate.lend(1)
+    waiter.join(5)
+    assert not waiter.is_alive()
+    gate.lend(0)
+    assert gate.report(0.0, 0.0) is True  # two hold places, one is allowed: the reporter steps out
+
+
+def test_work_outside_the_gil_earns_more_cores() -> None:
+    """A probe that makes the process use a core more keeps it and tries another; the limit follows."""
+    gate = cpu_bound(8)
+    assert (gate.cores, gate.limit) == (1, 1)
+    gate.tick(100.0, 0.0)
+    gate.tick(101.0, 1.0)      # one core used: probe with two
+    assert (gate.cores, gate.limit) == (2, 2)
+    gate.tick(102.0, 3.0)      # two cores used during the probe: kept
+    assert (gate.cores, gate.limit) == (2, 2)
+    gate.tick(103.0, 5.0)      # and at once the next probe
+    assert gate.cores == 3
+    gate.tick(104.0, 7.1)      # 2.1 cores with three: that one is undone
+    assert (gate.cores, gate.limit) == (2, 2)
+
+
+def test_a_probe_that_gains_nothing_is_undone() -> None:
+    """GIL-bound work uses no more CPU with more consumers: the probe is undone and retried much later."""
+    gate = cpu_bound(8)
+    gate.tick(100.0, 0.0)
+    gate.tick(101.0, 1.2)
+    assert gate.cores == 2
+    gate.tick(102.0, 2.5)      # 1.3 cores: no gain
+    assert (gate.cores, gate.limit) == (1, 1)
+    gate.tick(103.0, 3.8)      # too soon for another probe
+    assert gate.cores == 1
+    gate.tick(112.0, 15.5)
+    assert gate.cores == 2     # PROBE_EVERY_S later it tries again
+
+
+def test_cores_fall_back_when_the_work_changes() -> None:
+    """Once the work stops using the cores it was given, the gate gives one back."""
+    gate = cpu_bound(8)
+    gate.tick(100.0, 0.0)
+    gate.tick(101.0, 1.0)
+    gate.tick(102.0, 3.0)
+    gate.tick(103.0, 5.0)      # a probe with three begins
+    gate.tick(104.0, 7.0)      # undone
+    assert gate.cores == 2
+    gate.tick(115.0, 18.0)     # one core only now, long after
+    assert gate.cores == 1
+
+
+def test_no_probe_while_the_gate_is_open() -> None:
+    """Waiting work admits every worker already: nothing to probe."""
+    gate = ConcurrencyGate(8)
+    report_many(gate, 0.00001, 0.01)
+    gate.tick(100.0, 0.0)
+    gate.tick(101.0, 0.1)
+    assert (gate.cores, gate.limit) == (1, 8)

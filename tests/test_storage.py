@@ -14,16 +14,21 @@ from hypothesis import strategies as st
 
 from invoicer.generator import InvoiceNumberGenerator
 from invoicer.pipeline import Part, StorageWriter, failed_row, invoice_row
+from invoicer.pipeline.writer import StoredRuns
 from invoicer.processing import build_invoice
 from invoicer.storage import (
     EX_TEMPFAIL,
     OK_WIDTH,
+    SCHEMA_VERSION,
+    SELECT_FAILED,
     SELECT_IDS_BETWEEN,
     Batch,
     RecoveryPlan,
     Row,
+    Run,
     Storage,
     StorageError,
+    missing_ranges,
 )
 
 
@@ -302,3 +307,94 @@ def check_random_crashes(database: Path, data: st.DataObject) -> None:
     storage.close()
     assert final.missing == ()
     assert final.stored_total == final.high_water >= len(handed_out)
+
+
+@pytest.mark.parametrize("name", ["a#b.db", "a?mode=rw.db", "a%20b.db"], ids=["hash", "query", "percent"])
+def test_shared_opening_reads_the_named_file(tmp_path: Path, name: str) -> None:
+    """A '#', '?' or '%' in the path is quoted: `invoicer failed` reads that file, not another one."""
+    storage = Storage(tmp_path / name)
+    storage.open()
+    storage.reserve(3)
+    storage.save_batch(Batch.of([*rows([1, 2]), failed_row(3, ValueError("bad"), 3)]), stored_through=3)
+    storage.close()
+    shared = Storage(tmp_path / name)
+    shared.open_shared()
+    try:
+        assert [row[0] for row in shared.failed()] == [3]
+    finally:
+        shared.close()
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(name)) == []
+
+
+def test_failed_invoices_are_found_through_their_own_index(storage: Storage) -> None:
+    """Listing failed invoices searches the partial index, not the whole table."""
+    with sqlite3.connect(storage.path) as connection:
+        plan = connection.execute(f"EXPLAIN QUERY PLAN {SELECT_FAILED}").fetchall()
+    connection.close()
+    assert "USING COVERING INDEX invoices_failed" in " ".join(row[-1] for row in plan) or \
+        "USING INDEX invoices_failed" in " ".join(row[-1] for row in plan)
+
+
+@pytest.mark.parametrize(("through", "high_water", "runs", "expected"), [
+    (0, 0, [], []),
+    (0, 5, [], [range(1, 6)]),
+    (3, 10, [(5, 6), (8, 8)], [range(4, 5), range(7, 8), range(9, 11)]),
+    (3, 6, [(4, 6)], []),
+    (3, 10, [(2, 5)], [range(6, 11)]),  # a run reaching below stored_through
+], ids=["empty", "all", "gaps", "none", "straddles"])
+def test_missing_ranges_are_the_gaps_between_runs(through: int, high_water: int, runs: list[Run],
+                                                  expected: list[range]) -> None:
+    """What recovery owes: (stored_through, high_water] less the runs, as ranges."""
+    assert missing_ranges(through, high_water, runs) == expected
+
+
+def test_a_schema_1_database_gets_its_runs_saved(tmp_path: Path) -> None:
+    """A database from before stored_runs is migrated once: its runs are read from the rows, then saved."""
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as connection:
+        connection.executescript("""
+            CREATE TABLE invoices (id INTEGER PRIMARY KEY, status TEXT NOT NULL, customer TEXT,
+                currency TEXT, subtotal TEXT, tax TEXT, total TEXT, document TEXT, error TEXT,
+                attempts INTEGER NOT NULL);
+            CREATE TABLE sequence (id INTEGER PRIMARY KEY CHECK (id = 1), high_water INTEGER NOT NULL,
+                stored_through INTEGER NOT NULL);
+            INSERT INTO sequence VALUES (1, 20, 3);
+            PRAGMA user_version = 1;
+        """)
+        connection.executemany("INSERT INTO invoices (id, status, attempts) VALUES (?, 'ok', 1)",
+                               [(n,) for n in (1, 2, 3, 5, 6, 7, 9)])
+    connection.close()
+    storage = Storage(path)
+    storage.open()
+    plan = storage.recovery_plan()
+    storage.close()
+    assert plan.runs == ((5, 7), (9, 9))
+    assert plan.missing == (range(4, 5), range(8, 9), range(10, 21))
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    connection.close()
+
+
+def test_recovery_counts_a_row_inside_a_gap_as_stored(storage: Storage) -> None:
+    """A row in a gap the saved runs do not know (written by hand) is found and never processed again."""
+    storage.reserve(10)
+    storage.save_batch(batch([1, 2]), stored_through=2)
+    with sqlite3.connect(storage.path) as connection:
+        connection.execute("INSERT INTO invoices (id, status, attempts) VALUES (6, 'ok', 1)")
+    connection.close()
+    plan = storage.recovery_plan()
+    assert plan.missing == (range(3, 6), range(7, 11))
+    assert plan.stored_total == 3
+
+
+def test_stored_runs_merge_whatever_order_they_come_in() -> None:
+    """Runs that touch merge, and stored_through swallows every run that reaches it."""
+    stored = StoredRuns(10)
+    for first, last in [(15, 15), (13, 13), (17, 20), (14, 14), (16, 16)]:
+        stored.add(first, last)
+    assert (stored.through, stored.runs()) == (10, ((13, 20),))
+    stored.add(11, 12)
+    assert (stored.through, stored.runs(), len(stored)) == (20, (), 0)
+    stored.add(5, 8)  # below stored_through: nothing to do
+    stored.add_numbers([22, 23, 25])
+    assert stored.runs() == ((22, 23), (25, 25))

@@ -287,3 +287,19 @@ def test_long_drain_extends_the_stop_timeout(manager: UserManager) -> None:
         drained = next(r for r in summary if r["message"] == "drained and stopped")
         assert drained["seconds"] > 2.0  # longer than TimeoutStopSec: the extensions carried it
         assert_gap_free(database(manager))
+
+
+def unit_seconds(key: str) -> float:
+    """A time setting of the repository's unit, in seconds (values like 30s)."""
+    for line in (REPO / UNIT).read_text().splitlines():
+        if line.startswith(f"{key}="):
+            return float(line.split("=", 1)[1].removesuffix("s"))
+    raise AssertionError(f"{key}= is not in {UNIT}")
+
+
+def test_the_daemon_abandons_a_stalled_drain_before_systemd_kills_it() -> None:
+    """The daemon's own drain stall limit is below TimeoutStopSec, so its exit (and log) comes first."""
+    from invoicer.daemon import DRAIN_STALL_S, STALL_S
+
+    assert unit_seconds("TimeoutStopSec") > DRAIN_STALL_S
+    assert unit_seconds("WatchdogSec") / 2 >= STALL_S  # a stalled disk stops the pings well in time

@@ -62,7 +62,7 @@ def limit_for(share: float, workers: int, cores: int = 1) -> int:
 class ConcurrencyGate:
     """A semaphore whose size follows the measured CPU share of the work (see the module docstring)."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, *, cpus: int | None = None) -> None:
         # Rule: _cond's lock guards _workers, _active and _limit, and is taken to change them; reads
         # without it are hints, confirmed under it. _shares and _reports are written without it: a
         # deque append is atomic under the GIL, and a lost count only delays an update. Consumers report
@@ -77,7 +77,7 @@ class ConcurrencyGate:
         self._lent = 0         # places lent to consumers in long calls
         # Cores' worth of consumers admitted; only tick() (the observer thread) changes it.
         self.cores = 1
-        self._max_cores = len(os.sched_getaffinity(0))
+        self._max_cores = cpus or len(os.sched_getaffinity(0))  # the CPUs this process may use
         self._probe: tuple[float, float] | None = None  # (started, the process's cores used before)
         self._next_probe = PROBE_EVERY_S
         self._last: tuple[float, float] | None = None   # (now, CPU seconds) at the previous tick
