@@ -184,8 +184,8 @@ def test_no_watchdog_without_watchdog_usec() -> None:
 def test_drain_extends_the_stop_timeout_only_while_healthy() -> None:
     """Draining and healthy, each tick asks for the next tick plus a margin; a stalled drain asks nothing."""
     observer, pipeline, notifier = make(status_interval=3600.0)
-    extend = f"EXTEND_TIMEOUT_USEC={int((observer.tick_interval + EXTEND_MARGIN_S) * 1_000_000)}"
     assert observer.tick_interval == MAX_TICK_S
+    extend = f"EXTEND_TIMEOUT_USEC={int((observer.tick_interval + EXTEND_MARGIN_S) * 1_000_000)}"
     observer.tick(0.0)
     pipeline.advance(5, state="draining", pending=100)
     observer.tick(1.0)
@@ -194,6 +194,20 @@ def test_drain_extends_the_stop_timeout_only_while_healthy() -> None:
     pipeline.advance(problem="storage: a commit has not finished for 11s")
     observer.tick(3.0)
     assert notifier.sent.count(extend) == 2
+
+
+def test_a_stalled_drain_is_extended_until_it_ends_itself() -> None:
+    """Stalled, the drain keeps its extensions until the daemon's own stall limit, then gets none."""
+    pipeline = FakePipeline()
+    notifier = RecordingNotifier()
+    observer = Observer(lambda: pipeline.snapshot, notifier, 1.0, None, drain_stall=20.0)
+    extend = f"EXTEND_TIMEOUT_USEC={int((observer.tick_interval + EXTEND_MARGIN_S) * 1_000_000)}"
+    pipeline.advance(state="draining", pending=5, problem="storage: stalled", problem_age=19.0)
+    observer.tick(0.0)
+    assert notifier.sent.count(extend) == 1
+    pipeline.advance(problem_age=20.5)
+    observer.tick(1.0)
+    assert notifier.sent.count(extend) == 1
 
 
 def test_throughput_record_every_log_interval(caplog: pytest.LogCaptureFixture) -> None:

@@ -359,3 +359,72 @@ def test_more_hung_calls_than_workers_make_a_sick_pool() -> None:
     assert [rows[n][1] for n in (4, 5, 6)] == ["ok"] * 3
     pool.retire_all()
     assert pool.join(10)
+
+
+def test_a_retry_backoff_holds_no_gate_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a poison invoice sleeps between attempts, another consumer takes the one gate place."""
+    monkeypatch.setattr(pipeline, "RETRY_BACKOFF_S", 0.2)
+
+    def poison_one(invoice_id: int) -> object:
+        if invoice_id == 1:
+            raise ValueError("bad order")
+        return build_invoice(invoice_id)
+
+    work = WorkQueue(100)
+    results: queue.Queue[Part] = queue.Queue()
+    pool = ConsumerPool(poison_one, work, results, 2, lambda *_: None)
+    for _ in range(SAMPLES):
+        pool.gate.report(1.0, 1.0)
+    assert pool.gate.limit == 1
+    pool.start()
+    work.put([1])
+    work.put(range(2, 11))
+    arrived = [row[0] for _ in range(2) for row in results.get(timeout=10).batch.rows()]
+    assert arrived == [*range(2, 11), 1]  # the others went on during the backoff; 1 failed last
+    pool.retire_all()
+    assert pool.join(10)
+
+
+def test_calls_that_all_hang_at_once_are_an_outage_not_failed_invoices() -> None:
+    """Hung calls given up together (one per worker) pause intake: their numbers go round, none fails."""
+    pool, work, results, release, entered = hung_pool({1, 2, 3, 4, 5}, workers=5, timeout=1.0)
+    for number in range(1, 6):
+        work.put([number])
+    wait_entered(entered, 5)
+    pool.reap(time.monotonic() + 1.5)
+    assert pool.breaker.paused
+    assert results.empty()
+    release.set()  # the service answers again: the next probe succeeds and everything resumes
+    rows = collect(results, 5)
+    assert sorted(rows) == [1, 2, 3, 4, 5]
+    assert all(row[1] == "ok" for row in rows.values())
+    assert not pool.breaker.paused
+    pool.retire_all()
+    assert pool.join(10)
+
+
+def test_a_smaller_pool_still_counts_hung_calls_against_its_largest_size() -> None:
+    """Shrinking by reload does not turn calls hung earlier into 'more hung than workers'."""
+    pool = ConsumerPool(build_invoice, WorkQueue(10), queue.Queue(), 8, lambda *_: None)
+    pool.start()
+    pool.resize(2)
+    assert (pool.workers, pool.most_workers) == (2, 8)
+    pool.retire_all()
+    assert pool.join(10)
+
+
+def test_closing_does_not_block_on_a_full_results_queue() -> None:
+    """close() hands over what given-up calls left within its timeout, or says it could not yet."""
+    pool, work, _results, release, entered = hung_pool({1}, workers=1, timeout=1.0)
+    full: queue.Queue[Part] = queue.Queue(maxsize=1)
+    full.put(Part(range(0), pipeline.Batch()))
+    pool._results = full  # the writer has stopped taking parts (a stalled disk)
+    work.put([1])
+    wait_entered(entered, 1)
+    pool.reap(time.monotonic() + 2)
+    work.put_sentinel()
+    assert pool.join(10)
+    assert pool.close(0.05) is False
+    full.get_nowait()
+    assert pool.close(0.05) is True
+    release.set()

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from invoicer.config import cpu_list
+from invoicer.outage import OUTAGE_INVOICES
 from tests.conftest import Daemon, NotifyListener, assert_gap_free, stored_in_status, table_facts
 
 StartDaemon = Callable[..., Daemon]
@@ -195,3 +196,26 @@ def test_a_processor_subprocess_may_use_every_cpu(tmp_path: Path, start_daemon: 
     assert code == 0, output
     assert set(seen.read_text().split()) == {cpu_list(os.sched_getaffinity(0))}
     assert_gap_free(database)
+
+
+def test_a_long_outage_resumes_when_the_service_returns(tmp_path: Path, start_daemon: StartDaemon) -> None:
+    """Down from the start at one worker: invoices go round as probes, none is stuck; it resumes after."""
+    database = tmp_path / "invoices.db"
+    flag = tmp_path / "service-down"
+    flag.touch()
+    daemon = start_daemon(database, INVOICER_WORKERS="1", INVOICER_QUEUE_SIZE="1",
+                          INVOICER_PROCESSOR=f"{PLUGINS}:down_while_flagged", OUTAGE_FLAG=str(flag))
+    daemon.wait_ready()
+    assert daemon.notify is not None
+    wait = statuses(daemon.notify, daemon.process.pid)
+    wait(lambda s: s.startswith("paused: ConnectionError"))
+    for _ in range(40):  # four seconds paused: past three failed probes of the first invoice
+        wait(lambda s: s.startswith("paused:"))
+    flag.unlink()
+    wait(lambda s: s.startswith("running:") and stored_in_status("STATUS=" + s) > 100)
+    daemon.signal(signal.SIGTERM)
+    code, output = daemon.wait()
+    assert code == 0, output
+    facts = assert_gap_free(database)
+    assert facts.failed < OUTAGE_INVOICES  # only those before the outage was recognised (one worker)
+    assert "failed 3 probes" not in output

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from invoicer.outage import OUTAGE_INVOICES
 from tests.conftest import REPO, assert_gap_free, require
 from tests.http_service import InvoiceService
 from tests.systemd_harness import UserManager, missing_requirements
@@ -147,6 +149,13 @@ def test_without_the_drop_in_the_journal_names_the_closed_network(manager: UserM
                      "family not supported by protocol: the network is closed to this service "
                      f"(RestrictAddressFamilies=); {HINT}")
     assert service.recorded() == []
+    # Every call fails: an outage, so the daemon pauses and says why instead of storing failed rows.
+    wait_until(lambda: status(manager)["StatusText"].startswith("paused: NetworkClosedError: POST"),
+               what="STATUS=paused naming the closed network")
+    with sqlite3.connect(f"file:{database(manager)}?mode=ro", uri=True) as connection:
+        failed = connection.execute("SELECT count(*) FROM invoices WHERE status = 'failed'").fetchone()[0]
+    connection.close()
+    assert failed < OUTAGE_INVOICES  # with two workers, the invoices before the outage was recognised
 
 
 def test_an_address_not_allowed_times_out_naming_ip_address_allow(manager: UserManager,

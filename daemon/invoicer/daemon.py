@@ -78,6 +78,7 @@ class Daemon:
         self._stall_s = min(STALL_S, watchdog / 2) if watchdog else STALL_S
         # Written by the observer thread each tick (housekeeping); read by the main thread and STATUS=.
         self._problem = ""
+        self._problem_since = 0.0  # when the current problem began (monotonic)
         self._progress = (0, 0.0)  # (committed, when it last changed or was legitimately still)
 
     # -- start-up -----------------------------------------------------------------------------------
@@ -130,7 +131,8 @@ class Daemon:
                                   breaker=breaker)
         self._writer = StorageWriter(self._storage, self._results, plan, self._on_fatal)
         self._observer = Observer(self._snapshot, self._notifier, config.status_interval, self._watchdog,
-                                  housekeeping=self._housekeeping, on_fatal=self._on_fatal)
+                                  housekeeping=self._housekeeping, on_fatal=self._on_fatal,
+                                  drain_stall=DRAIN_STALL_S)
 
     # -- recording (signal handlers and other threads) ------------------------------------------------
 
@@ -155,6 +157,7 @@ class Daemon:
             queue_depth=self._work.depth(),
             admitted=self._pool.gate.limit,
             problem=self._problem,
+            problem_age=time.monotonic() - self._problem_since if self._problem else 0.0,
             paused=breaker.error if breaker.paused else "",
             abandoned=self._pool.abandoned)
 
@@ -166,7 +169,10 @@ class Daemon:
         """One tick's work besides reporting (the observer thread): deadlines, the gate, health."""
         self._pool.reap(now)
         self._pool.gate.tick(now, time.process_time())
-        self._problem = self._diagnose(now)
+        problem = self._diagnose(now)
+        if problem and not self._problem:
+            self._problem_since = now
+        self._problem = problem
 
     def _diagnose(self, now: float) -> str:
         """Why the pipeline is not healthy now ("" if it is): what the watchdog and the drain go by."""
@@ -176,8 +182,9 @@ class Daemon:
         if (since := self._producer.busy_since) and now - since > limit:
             return f"storage: reserving invoice numbers has not finished for {now - since:.0f}s"
         pool = self._pool
-        if pool.abandoned > pool.workers:
-            return f"{pool.abandoned} hung processor calls abandoned, more than the {pool.workers} workers"
+        if pool.abandoned > pool.most_workers:
+            return (f"{pool.abandoned} hung processor calls abandoned, more than the {pool.most_workers} "
+                    "workers")
         committed = self._writer.committed_total
         pending = self._pending()
         # Not committing is legitimate while nothing is pending, intake is paused, or calls are under
@@ -255,7 +262,7 @@ class Daemon:
             self._wait(self._producer.join)
             self._pool.retire_all()
             self._wait(self._pool.join)
-            self._pool.close()  # hands over what given-up calls left, while the writer still runs
+            self._wait(self._pool.close)  # hands over what given-up calls left, while the writer runs
             self._writer.stop()
             self._wait(self._writer.join)
             self._storage.release(self._generator.last_issued)

@@ -131,6 +131,14 @@ class ConcurrencyGate:
                 self._cond.wait()
             self._active += 1
 
+    def reenter(self) -> None:
+        """Take a place back at once, past the limit if need be: the caller left mid-chunk to wait.
+
+        The limit is restored as consumers report (the first to report over it steps out).
+        """
+        with self._cond:
+            self._active += 1
+
     def report(self, cpu_seconds: float, wall_seconds: float) -> bool:
         """Record a chunk the caller processed; True if the caller must give its place up (acquire again)."""
         if wall_seconds > 0:

@@ -31,6 +31,7 @@ class Snapshot:
     queue_depth: int    # numbers waiting in the work queue
     admitted: int = 0   # consumers the concurrency gate lets process at once (0: not known)
     problem: str = ""   # why the pipeline is not healthy ("": it is)
+    problem_age: float = 0.0  # seconds the problem has lasted
     paused: str = ""    # the error that paused intake ("": not paused)
     abandoned: int = 0  # given-up processor calls whose threads still run
 
@@ -62,12 +63,16 @@ class Observer:
     def __init__(self, sample: Callable[[], Snapshot], notifier: Notifier, status_interval: float,
                  watchdog_timeout: float | None, *,
                  housekeeping: Callable[[float], None] = lambda now: None,
-                 on_fatal: Callable[[str, BaseException], None] | None = None) -> None:
+                 on_fatal: Callable[[str, BaseException], None] | None = None,
+                 drain_stall: float = 0.0) -> None:
         self._sample = sample
         self._housekeeping = housekeeping
         self._on_fatal = on_fatal
         self._notifier = notifier
         self._status_interval = status_interval
+        # A stalled drain ends itself after this long; until then its stop timeout is still extended,
+        # so that the daemon's own exit (and log line) comes before systemd's SIGKILL.
+        self._drain_stall = drain_stall
         self._watchdog = watchdog_timeout is not None
         # Health is decided on every tick, so ticks come often enough to ping at half the timeout.
         self.tick_interval = min(status_interval, MAX_TICK_S, (watchdog_timeout or MAX_TICK_S * 2) / 2)
@@ -114,7 +119,7 @@ class Observer:
         healthy = not snapshot.problem
         if self._watchdog:
             self._ping(snapshot, healthy=healthy)
-        if snapshot.state == "draining" and healthy:
+        if snapshot.state == "draining" and (healthy or snapshot.problem_age < self._drain_stall):
             self._notifier.extend_timeout(self.tick_interval + EXTEND_MARGIN_S)
         if now >= self._next_log:
             log.info("throughput", extra={

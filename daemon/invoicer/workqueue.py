@@ -52,6 +52,17 @@ class WorkQueue:
             self._numbers += len(chunk)
             self._not_empty.notify()
 
+    def put_back(self, chunk: Chunk) -> None:
+        """Put ``chunk`` behind the queued work, whatever the room: numbers taken out, to go round again.
+
+        It goes before any retirement sentinel, so that a loop still takes it before the pool retires.
+        """
+        with self._mutex:
+            items = self._items
+            self._items.insert(next((i for i, item in enumerate(items) if item is None), len(items)), chunk)
+            self._numbers += len(chunk)
+            self._not_empty.notify()
+
     def put_sentinel(self) -> None:
         """Append a retirement sentinel: the consumer that takes it ends, after the work queued before it."""
         with self._mutex:

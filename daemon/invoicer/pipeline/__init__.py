@@ -119,22 +119,23 @@ def process_with_retries(processor: Callable[[int], Any], invoice_id: int, worke
         try:
             return invoice_row(invoice_id, processor(invoice_id), attempt)
         except Exception as exc:  # one bad invoice never kills the pool
-            if not retry_or_give_up(invoice_id, exc, attempt, worker):
+            backoff = retry_backoff(invoice_id, exc, attempt, worker)
+            if backoff is None:
                 return failed_row(invoice_id, exc, attempt)
+        time.sleep(backoff)
         attempt += 1
 
 
-def retry_or_give_up(invoice_id: int, exc: Exception, attempt: int, worker: int | str) -> bool:
-    """Log a failed attempt; wait the backoff and return True if another attempt is due, else False."""
+def retry_backoff(invoice_id: int, exc: Exception, attempt: int, worker: int | str) -> float | None:
+    """Log a failed attempt; return how long to wait before the next one, or None if none is due."""
     context = {"invoice": invoice_id, "worker": worker, "attempt": attempt}
     if attempt >= MAX_ATTEMPTS:
         log.error("invoice %d failed %d times; stored as failed", invoice_id, attempt,
                   exc_info=exc, extra=context)
-        return False
+        return None
     log.warning("invoice %d failed (attempt %d of %d); retrying", invoice_id, attempt, MAX_ATTEMPTS,
                 exc_info=exc, extra=context)
-    time.sleep(RETRY_BACKOFF_S * 2 ** (attempt - 1))
-    return True
+    return RETRY_BACKOFF_S * (1 << (attempt - 1))
 
 
 from invoicer.pipeline.consumers import ConsumerPool  # noqa: E402  # they import the helpers above
@@ -144,5 +145,5 @@ from invoicer.pipeline.writer import StorageWriter  # noqa: E402
 __all__ = [
     "MAX_ATTEMPTS", "RESULTS_ROOM", "WAKE_UP", "ConsumerPool", "FatalHandler", "Part", "Producer",
     "StorageWriter", "chunk_for", "failed_row", "invoice_row", "invoice_values", "max_chunk",
-    "process_with_retries", "retry_or_give_up",
+    "process_with_retries", "retry_backoff",
 ]

@@ -20,7 +20,7 @@ from typing import Any
 
 from invoicer.config import MAX_WORKERS
 from invoicer.gate import ConcurrencyGate
-from invoicer.outage import MAX_PROBES, OutageBreaker, describe
+from invoicer.outage import MAX_PROBES, OutageBreaker
 from invoicer.pipeline import (
     CPU_SAMPLE_EVERY,
     HANDOFF_S,
@@ -28,7 +28,7 @@ from invoicer.pipeline import (
     Part,
     failed_row,
     invoice_values,
-    retry_or_give_up,
+    retry_backoff,
 )
 from invoicer.storage import Batch, Row
 from invoicer.workqueue import Chunk, WorkQueue
@@ -37,6 +37,11 @@ log = logging.getLogger("invoicer")
 
 # A call running this long holds no place in the concurrency gate: it waits, whatever its CPU share.
 LONG_CALL_S = 1.0
+
+# What became of one invoice (ConsumerPool._invoice).
+DONE = "done"              # its row is in the loop's results
+GIVEN_UP = "given up"      # the reaper took the loop's work over: the loop must end
+GOES_ROUND = "goes round"  # an outage outlasted its probes: back to the queue, untouched
 
 
 class InvoiceTimeoutError(TimeoutError):
@@ -98,6 +103,7 @@ class ConsumerPool:
         self._deferred: list[Part] = []   # parts of given-up calls the full results queue refused
         self._owed = 0                    # loops given up and not replaced (too many calls hung)
         self.workers = workers
+        self.most_workers = workers       # the largest pool since start: what "too many hung" compares to
         self.abandoned = 0                # given-up calls whose threads still run
         self.timed_out_total = 0
         # Seconds one invoice takes, a moving average; written by consumers (a float store is atomic
@@ -128,6 +134,7 @@ class ConsumerPool:
                 self._start_loop()
             surplus = self.workers - workers
             self.workers = workers
+            self.most_workers = max(self.most_workers, workers)
         self.gate.resize(workers)
         self.breaker.resize(workers)
         for _ in range(surplus):
@@ -150,13 +157,20 @@ class ConsumerPool:
         with self._lock:  # a loop given up meanwhile was replaced: wait for its replacement too
             return all(slot.future is None or slot.future.done() for slot in self._slots.values())
 
-    def close(self) -> None:
-        """After join(): stop reaping and hand the writer any part the results queue refused before."""
+    def close(self, timeout: float) -> bool:
+        """After join(): stop reaping and hand the writer what given-up calls left; True once all is.
+
+        Waits at most ``timeout`` (the caller watches signals and stalls in between, as the drain does).
+        """
         with self._lock:
             self._closed = True
-            deferred, self._deferred = self._deferred, []
-        for part in deferred:
-            self._results.put(part)
+            while self._deferred:
+                try:
+                    self._results.put(self._deferred[0], timeout=timeout)
+                except queue.Full:
+                    return False
+                self._deferred.pop(0)
+            return True
 
     # -- the reaper (the observer thread, once a tick) ------------------------------------------------
 
@@ -167,14 +181,22 @@ class ConsumerPool:
             if self._closed:
                 return
             self._flush_deferred()
+            overdue: list[tuple[_Slot, float]] = []
             for slot in list(self._slots.values()):
                 started = slot.call_started
                 if not started or slot.abandoned:
                     continue
                 if now - started >= self._timeout:
-                    self._give_up(slot, started, now)
+                    if self._abandon(slot, started):
+                        overdue.append((slot, started))
                 elif now - started >= LONG_CALL_S:
                     long_calls += 1
+            # Every overdue call counts before any is judged: calls that all hang at once are an outage.
+            for slot, started in overdue:
+                hung = InvoiceTimeoutError(f"processor call did not return within {self._timeout:g}s")
+                self.breaker.failure(slot.chunk[slot.index], hung, started=started, probe=slot.probe)
+            for slot, started in overdue:
+                self._give_up(slot, started, now)
         self.gate.lend(long_calls)
 
     def calls(self, now: float) -> tuple[int, float]:
@@ -183,39 +205,53 @@ class ConsumerPool:
                    if slot.call_started and not slot.abandoned]
         return len(started), (now - min(started)) if started else 0.0
 
-    def _give_up(self, slot: _Slot, started: float, now: float) -> None:
+    def _abandon(self, slot: _Slot, started: float) -> bool:
+        """Take the loop's work over from it, unless its call returned meanwhile; call with _lock held."""
         with slot.lock:
             if slot.call_started != started or slot.abandoned:
-                return  # the call returned meanwhile
+                return False
             slot.abandoned = True
-            chunk, index, start = slot.chunk, slot.index, slot.start
-            ok, failed = slot.ok, slot.failed
+        del self._slots[slot.worker]
+        self.abandoned += 1
+        self.gate.release()  # the place the abandoned loop held
+        return True
+
+    def _give_up(self, slot: _Slot, started: float, now: float) -> None:
+        """Hand on what an abandoned loop held, and replace it; call with _lock held."""
+        chunk, index, start = slot.chunk, slot.index, slot.start
         number = chunk[index]
-        error = InvoiceTimeoutError(f"processor call did not return within {self._timeout:g}s "
-                                    f"(running for {now - started:.1f}s); given up")
-        failed.append(failed_row(number, error, slot.attempt))
-        part = Part(chunk[start:index + 1], Batch(ok, failed))
+        self.timed_out_total += 1
+        if self.breaker.paused:  # an outage: the number goes round again (not a failed row)
+            self._hand(Part(chunk[start:index], Batch(slot.ok, slot.failed)))
+            self._work.put_back(chunk[index:])
+            log.warning("invoice %d: processor call did not return within %gs during an outage; given "
+                        "up, it will be tried again", number, self._timeout,
+                        extra={"invoice": number, "worker": slot.worker, "abandoned": self.abandoned})
+        else:
+            error = InvoiceTimeoutError(f"processor call did not return within {self._timeout:g}s "
+                                        f"(running for {now - started:.1f}s); given up")
+            self._hand(Part(chunk[start:index + 1],
+                            Batch(slot.ok, [*slot.failed, failed_row(number, error, slot.attempt)])))
+            if index + 1 < len(chunk):
+                self._work.put_front(chunk[index + 1:])
+            self.breaker.finished(number)
+            log.error("invoice %d: %s; stored as failed", number, error,
+                      extra={"invoice": number, "worker": slot.worker, "abandoned": self.abandoned})
+        # A fresh loop takes the given-up one's place (and its retirement sentinel, if one is queued).
+        # With more calls hung than the pool ever had workers the process is sick: more threads would
+        # only pile up, so the place is owed until a hung call returns, and the watchdog ends it.
+        if self.abandoned > self.most_workers:
+            self._owed += 1
+        else:
+            self._start_loop()
+
+    def _hand(self, part: Part) -> None:
+        if not part.numbers:
+            return
         try:
             self._results.put_nowait(part)
         except queue.Full:  # the writer is behind (a stalled disk?): hand it over on a later tick
             self._deferred.append(part)
-        if index + 1 < len(chunk):
-            self._work.put_front(chunk[index + 1:])
-        del self._slots[slot.worker]
-        self.abandoned += 1
-        self.timed_out_total += 1
-        self.gate.release()  # the place the abandoned loop held
-        self.breaker.failure(number, error, started=started, probe=slot.probe)
-        self.breaker.finished(number)
-        log.error("invoice %d: %s; stored as failed", number, error,
-                  extra={"invoice": number, "worker": slot.worker, "abandoned": self.abandoned})
-        # A fresh loop takes the given-up one's place (and its retirement sentinel, if one is queued).
-        # With more calls hung than there are workers the process is sick: more threads would only pile
-        # up, so the place is owed until a hung call returns, and the watchdog ends the process.
-        if self.abandoned > self.workers:
-            self._owed += 1
-        else:
-            self._start_loop()
 
     def _flush_deferred(self) -> None:
         while self._deferred:
@@ -288,8 +324,13 @@ class ConsumerPool:
         handed_at = time.monotonic()
         for index in range(len(chunk)):
             slot.index = index
-            if not self._invoice(chunk[index], slot):
+            outcome = self._invoice(chunk[index], slot)
+            if outcome is GIVEN_UP:
                 return False
+            if outcome is GOES_ROUND:  # an outage outlasted this invoice's probes: let others probe
+                self._hand_over(slot, index)
+                self._work.put_back(chunk[index:])
+                return True
             if time.monotonic() - handed_at >= HANDOFF_S:
                 self._hand_over(slot, index + 1)
                 handed_at = time.monotonic()
@@ -301,15 +342,16 @@ class ConsumerPool:
         with slot.lock:
             part = Part(slot.chunk[slot.start:done], Batch(slot.ok, slot.failed))
             slot.ok, slot.failed, slot.start = [], [], done
-        self._results.put(part)
+        if part.numbers:
+            self._results.put(part)
 
-    def _invoice(self, number: int, slot: _Slot) -> bool:
-        """Process one invoice into the slot's results; False if the reaper gave the loop up meanwhile."""
+    def _invoice(self, number: int, slot: _Slot) -> str:
+        """Process one invoice into the slot's results: DONE, GIVEN_UP (by the reaper) or GOES_ROUND."""
         breaker = self.breaker
         attempt = 1
         probes = 0
         while True:
-            slot.probe = breaker.admit() if breaker.paused else False
+            slot.probe = self._admit() if breaker.paused else False
             slot.attempt = attempt
             slot.call_started = started = time.monotonic()
             try:
@@ -320,26 +362,44 @@ class ConsumerPool:
                 with slot.lock:
                     slot.call_started = 0.0
                     if slot.abandoned:
-                        return False
+                        return GIVEN_UP
                     slot.ok += values
                 if breaker.tracking or breaker.paused:
                     breaker.success(number, started)
-                return True
+                return DONE
             with slot.lock:
                 slot.call_started = 0.0
                 if slot.abandoned:
-                    return False
+                    return GIVEN_UP
             probes += slot.probe
-            outage = breaker.failure(number, error, started=started, probe=slot.probe)
-            if outage and probes < MAX_PROBES:
-                continue  # an outage: wait for the service, spend no attempt
-            if outage:
-                log.error("invoice %d failed %d probes of a paused service; stored as failed: %s", number,
-                          probes, describe(error), extra={"invoice": number, "worker": slot.worker})
-            elif retry_or_give_up(number, error, attempt, slot.worker):
-                attempt += 1
+            if breaker.failure(number, error, started=started, probe=slot.probe):
+                # An outage: wait for the service, spend no attempt. After MAX_PROBES failed probes the
+                # invoice goes round (to the back of the queue), so that another one probes next: a
+                # poison invoice cannot keep a paused daemon paused, and none is stored as failed.
+                if probes >= MAX_PROBES:
+                    return GOES_ROUND
                 continue
-            breaker.finished(number)
-            with slot.lock:
-                slot.failed.append(failed_row(number, error, attempt))
-            return True
+            backoff = retry_backoff(number, error, attempt, slot.worker)
+            if backoff is None:
+                breaker.finished(number)
+                with slot.lock:
+                    slot.failed.append(failed_row(number, error, attempt))
+                return DONE
+            self._pause(backoff)
+            attempt += 1
+
+    def _admit(self) -> bool:
+        """Wait for the paused service's turn to probe, holding no gate place meanwhile."""
+        self.gate.release()
+        try:
+            return self.breaker.admit()
+        finally:
+            self.gate.reenter()
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep a retry's backoff, holding no gate place meanwhile (others may process)."""
+        self.gate.release()
+        try:
+            time.sleep(seconds)
+        finally:
+            self.gate.reenter()
