@@ -88,8 +88,9 @@ def test_frozen_disk_gets_the_unit_restarted_by_its_watchdog(manager: UserManage
             wait_until(lambda: "Watchdog timeout" in manager.journal("--user-unit", UNIT, "-o", "cat")
                        or "Watchdog timeout" in manager.journal("-o", "cat"), timeout=20,
                        what="the watchdog timeout")
-            # The thread in the frozen fsync leaves the kernel only when the disk answers: the disk comes
-            # back, and the process dies of the watchdog's SIGABRT.
+            # The thread in the frozen fsync leaves the kernel only when the disk answers (D state, as on a
+            # real stalled disk: without this thaw there is no restart within 60 s, the SIGABRT pending):
+            # the disk comes back, and the process dies of the watchdog's SIGABRT.
             client.thaw()
             wait_until(lambda: int(status(manager)["NRestarts"]) >= 1, timeout=60, what="a watchdog restart")
             wait_until(lambda: status(manager)["MainPID"] not in ("0", first_pid)
