@@ -17,12 +17,13 @@ Commands arrive on a unix socket, one line each, answered by one JSON line (``Fa
     power loss: every unsynced write is dropped at once; for the files named in ``tear`` a prefix of
     their last write, a multiple of ``sector`` bytes (``keep`` rounded down, else a random one shorter
     than the write), reaches the backing file first. Afterwards every operation fails with EIO.
-``freeze`` / ``thaw``
+``freeze [after=N]`` / ``thaw``
     fsync and fdatasync block until thawed (a stalled disk); reads, and writes to other files, go on
     (the kernel holds a file's inode lock through its fsync, so writes to that very file wait too).
-``fail fsync|write`` / ``heal``
+    With ``after=N`` the next N fsyncs still pass and the freeze starts at the one after them.
+``fail fsync|write [after=N]`` / ``heal``
     fsync fails with EIO and drops that file's dirty data ("fsyncgate": no retry), or writes fail with
-    ENOSPC; ``heal`` ends both.
+    ENOSPC; ``heal`` ends both. ``after=N`` counts fsyncs as for ``freeze``.
 
 Run ``python -m tests.faultfs serve BACKING MOUNT SOCKET``; it prints ``ready`` once the kernel has
 initialised the mount, and unmounts on SIGTERM or SIGINT.
@@ -94,6 +95,7 @@ class FaultFS:
         self.cut_done = False
         self.frozen = False
         self.failing: set[str] = set()
+        self.armed: dict[str, int] = {}  # a fault (freeze, fsync, write) -> fsyncs to let pass before it
         self.counters = {"fsyncs": 0, "fsync_failures": 0, "writes": 0, "waiting": 0}
 
     def _path(self, path: str) -> str:
@@ -253,6 +255,7 @@ class FaultFS:
     def fsync(self, path: str, datasync: int, fh: int) -> None:
         """Flush this file's dirty data to the backing file, unless frozen (wait) or failing (EIO)."""
         with self._state:
+            self._arm()
             self.counters["waiting"] += 1
             self._state.wait_for(lambda: not self.frozen or self.cut_done)
             self.counters["waiting"] -= 1
@@ -265,6 +268,18 @@ class FaultFS:
                 self._forget(entry)  # like Linux after a failed writeback: the pages are clean, the data gone
                 raise _refused(errno.EIO)
             self._flush(entry)
+
+    def _arm(self) -> None:
+        """Start each armed fault whose count of fsyncs to let pass has run out; count the others down."""
+        for fault, left in list(self.armed.items()):
+            if left:
+                self.armed[fault] = left - 1
+                continue
+            del self.armed[fault]
+            if fault == "freeze":
+                self.frozen = True
+            else:
+                self.failing.add(fault)
 
     @_alive
     def flush(self, path: str, fh: int) -> None:
@@ -379,16 +394,21 @@ class FaultFS:
         with self._state:
             if name == "stats":
                 return {**self.counters, "frozen": self.frozen, "cut": self.cut_done,
-                        "failing": sorted(self.failing),
+                        "failing": sorted(self.failing), "armed": dict(self.armed),
                         "dirty": {e.name: e.dirty for e in self._files.values() if e.blocks}}
             if name == "cut":
                 return {"torn": self._cut(options)}
-            if name in ("freeze", "thaw"):
+            fault = "freeze" if name == "freeze" else words[1] if name == "fail" and len(words) > 1 else ""
+            if fault and "after" in options:
+                self.armed[fault] = int(options["after"])
+            elif name in ("freeze", "thaw"):
                 self.frozen = name == "freeze"
-            elif name == "fail" and words[1:] in (["fsync"], ["write"]):
-                self.failing.add(words[1])
+                self.armed.pop("freeze", None)
+            elif name == "fail" and fault in ("fsync", "write"):
+                self.failing.add(fault)
             elif name == "heal":
                 self.failing.clear()
+                self.armed = {k: v for k, v in self.armed.items() if k == "freeze"}
             else:
                 return {"error": f"unknown command {line!r}"}
             self._state.notify_all()
@@ -477,17 +497,17 @@ class FaultClient:
         torn: dict[str, dict[str, int]] = self.send(" ".join(words))["torn"]
         return torn
 
-    def freeze(self) -> None:
-        """Make every fsync block until ``thaw``."""
-        self.send("freeze")
+    def freeze(self, after: int | None = None) -> None:
+        """Make every fsync block until ``thaw`` (from the one after the next ``after`` fsyncs)."""
+        self.send("freeze" if after is None else f"freeze after={after}")
 
     def thaw(self) -> None:
         """Let blocked and later fsyncs go on."""
         self.send("thaw")
 
-    def fail(self, what: str) -> None:
-        """Make ``fsync`` fail with EIO (dropping the data) or ``write`` fail with ENOSPC."""
-        self.send(f"fail {what}")
+    def fail(self, what: str, after: int | None = None) -> None:
+        """Make ``fsync`` fail with EIO (dropping its data) or ``write`` with ENOSPC, after ``after``."""
+        self.send(f"fail {what}" if after is None else f"fail {what} after={after}")
 
     def heal(self) -> None:
         """End every ``fail``."""

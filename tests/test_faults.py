@@ -9,8 +9,10 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import sqlite3
+import struct
 import subprocess
 import sys
 import time
@@ -186,35 +188,53 @@ def killed_with_wal(database: Path, start_daemon: StartDaemon) -> Path:
     return wal
 
 
-@pytest.mark.parametrize("damage", ["truncated", "damaged"])
+@pytest.mark.parametrize("damage", ["page-size", "checksum"])
 def test_damaged_wal_is_refused_and_left_alone(tmp_path: Path, start_daemon: StartDaemon,
                                                damage: str) -> None:
-    """A WAL cut inside its header, or with a broken header: refused, 74, database and WAL unchanged."""
+    """A live WAL's header damaged in a way no power cut explains: refused, 74, database and WAL unchanged."""
     database = tmp_path / "invoices.db"
     wal = killed_with_wal(database, start_daemon)
-    content = wal.read_bytes()
-    if damage == "truncated":
-        wal.write_bytes(content[:20])
-    else:
-        wal.write_bytes(content[:8] + b"\xff\xff\xff\xff" + content[12:])
+    content = bytearray(wal.read_bytes())
+    if damage == "page-size":
+        content[8:12] = b"\xff\xff\xff\xff"
+    else:  # frame 1 was written under this header, so it was whole and synced: the damage came later
+        content[24] ^= 0xFF
+    wal.write_bytes(content)
     before = digest(database, wal)
     result = subprocess.run([sys.executable, "-m", "invoicer", "run"], env=daemon_env(database),
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 74
     (error,) = [r for r in records(result.stdout) if r["level"] == "ERROR"]
-    assert f"write-ahead log {wal} is {damage}" in str(error["message"])
+    assert f"write-ahead log {wal} is damaged" in str(error["message"])
     assert digest(database, wal) == before
 
 
-def test_intact_wal_after_sigkill_is_accepted(tmp_path: Path, start_daemon: StartDaemon) -> None:
-    """The WAL a crash leaves behind is not mistaken for damage: the next start recovers from it."""
+@pytest.mark.parametrize("state", ["intact", "short-header", "torn-restart-header"])
+def test_wal_a_power_cut_can_leave_is_accepted(tmp_path: Path, start_daemon: StartDaemon, state: str) -> None:
+    """A crash's live WAL, a new log's header torn, a restart's header torn: the next start recovers all."""
     database = tmp_path / "invoices.db"
-    killed_with_wal(database, start_daemon)
+    wal = killed_with_wal(database, start_daemon)
+    if state != "intact":  # the files as a cut leaves them once every frame is in the database file
+        content = wal.read_bytes()
+        connection = sqlite3.connect(database)
+        assert connection.execute("PRAGMA wal_checkpoint(FULL)").fetchone()[0] == 0
+        copy = tmp_path / "cut" / database.name
+        copy.parent.mkdir()
+        shutil.copy(database, copy)
+        connection.close()
+        database, wal = copy, Path(f"{copy}-wal")
+        if state == "short-header":  # a new log's first write, torn at byte 20
+            wal.write_bytes(content[:20])
+        else:  # a restart's new checkpoint sequence and salts reached the disk, its checksum did not
+            sequence, salt = struct.unpack(">2I", content[12:20])
+            wal.write_bytes(content[:12] + struct.pack(">3I", sequence + 1, salt + 1, 7) + content[24:])
+    before = table_facts(database)
     again = start_daemon(database, **LOAD)
     again.wait_ready()
+    again.wait_stored(before.high_water)
     again.signal()
     assert again.wait()[0] == 0
-    assert_gap_free(database)
+    assert assert_gap_free(database).count >= before.count
 
 
 def hold_write_lock(database: Path) -> subprocess.Popen[str]:

@@ -145,6 +145,7 @@ class Batch:
 WAL_MAGICS = (0x377F0682, 0x377F0683)  # sqlite.org/fileformat2.html#walformat; bit 0: big-endian sums
 WAL_VERSION = 3007000
 WAL_HEADER = 32
+WAL_FRAME_HEADER = 24
 
 EX_IOERR = 74      # sysexits.h: an input/output error (unreadable, unwritable, corrupt, full)
 EX_TEMPFAIL = 75   # sysexits.h: try again later (another instance, or another program's lock)
@@ -203,11 +204,23 @@ def missing_ranges(through: int, high_water: int, runs: Sequence[Run]) -> list[r
     return [numbers for numbers in missing if numbers]
 
 
-def describe_error(path: Path, exc: BaseException) -> StorageError:  # noqa: PLR0911  # one return per kind
-    """Turn an OS or SQLite error into a one-line StorageError naming ``path`` and the problem."""
+# What failed, by SQLite's extended result code (sqlite.org/rescode.html): a failed fsync is the one to
+# name, as the data it was to make durable may be gone from the page cache (never retried: "fsyncgate").
+IO_FAILURES = {
+    "SQLITE_IOERR_FSYNC": "fsync failed", "SQLITE_IOERR_DIR_FSYNC": "fsync of its directory failed",
+    "SQLITE_IOERR_WRITE": "a write failed", "SQLITE_IOERR_READ": "a read failed",
+    "SQLITE_IOERR_SHORT_READ": "a read failed", "SQLITE_IOERR_TRUNCATE": "a truncate failed",
+}
+
+
+def describe_error(  # noqa: PLR0911  # one return per kind
+        path: Path, exc: BaseException, doing: str = "") -> StorageError:
+    """Turn an OS or SQLite error into a one-line StorageError naming ``path``, the problem and ``doing``."""
     text = str(exc)
+    during = f" while {doing}" if doing else ""
     if isinstance(exc, sqlite3.DatabaseError):
         lowered = text.lower()
+        name = getattr(exc, "sqlite_errorname", "")
         if "locked" in lowered or "busy" in lowered:
             return StorageError(f"database {path} is locked by another program and stayed locked for "
                                 f"{BUSY_TIMEOUT_S:g}s ({text})", EX_TEMPFAIL)
@@ -216,35 +229,57 @@ def describe_error(path: Path, exc: BaseException) -> StorageError:  # noqa: PLR
         if "readonly" in lowered or "read-only" in lowered:
             return StorageError(f"database {path} is read-only ({text})")
         if "full" in lowered:
-            return StorageError(f"database {path}: the disk is full ({text})")
-        return StorageError(f"database {path}: {text}")
+            return StorageError(f"database {path}: the disk is full{during} ({text})")
+        if name.startswith("SQLITE_IOERR"):
+            return StorageError(f"database {path}: {IO_FAILURES.get(name, 'I/O failed')}{during} ({text})")
+        return StorageError(f"database {path}: {text}{during}")
     if isinstance(exc, OSError):
         reason = os.strerror(exc.errno) if exc.errno else text
         if exc.errno == errno.ENOSPC:
-            return StorageError(f"database {path}: the disk is full ({reason})")
+            return StorageError(f"database {path}: the disk is full{during} ({reason})")
         return StorageError(f"database {path} cannot be opened for writing ({reason})")
     return StorageError(f"database {path}: {type(exc).__name__}: {text}")
 
 
-def wal_header_problem(header: bytes) -> str | None:
-    """Describe what is wrong with a WAL header (None if it is sound or the log is empty)."""
-    if not header:
-        return None
-    if len(header) < WAL_HEADER:
-        return f"truncated ({len(header)} bytes, shorter than its {WAL_HEADER}-byte header)"
-    magic, version, page_size, _, _, _, sum1, sum2 = struct.unpack(">8I", header)
-    if magic not in WAL_MAGICS or version != WAL_VERSION:
-        return "damaged (not a SQLite write-ahead log header)"
-    if not (page_size == 1 or (512 <= page_size <= 32768 and page_size & (page_size - 1) == 0)):
-        return f"damaged (impossible page size {page_size})"
-    words = struct.unpack(">6I" if magic & 1 else "<6I", header[:24])
-    first = second = 0
-    for index in range(0, 6, 2):  # SQLite's walChecksumBytes()
+def _wal_checksum(data: bytes, big_endian: bool, first: int = 0, second: int = 0) -> tuple[int, int]:
+    """SQLite's walChecksumBytes(): two running sums over pairs of 32-bit words."""
+    words = struct.unpack(f"{'>' if big_endian else '<'}{len(data) // 4}I", data)
+    for index in range(0, len(words), 2):
         first = (first + words[index] + second) & 0xFFFFFFFF
         second = (second + words[index + 1] + first) & 0xFFFFFFFF
-    if (first, second) != (sum1, sum2):
-        return "damaged (header checksum mismatch)"
-    return None
+    return first, second
+
+
+def wal_header_problem(head: bytes, size: int) -> str | None:
+    """Describe a write-ahead log state no power cut can leave (None: SQLite may open it, losing nothing).
+
+    ``head`` is the log's start (its header, then frame 1's header and page), ``size`` the file's size.
+    SQLite syncs a log's header before it writes a frame under it, and restarts a log only after every
+    frame was checkpointed into the synced database; so a cut leaves a torn header only over nothing or
+    over frames the database already holds, and SQLite's ignoring it loses nothing
+    (docs/wal-power-loss.md). What the cut cannot explain may hide commits SQLite would silently drop.
+    """
+    if size < WAL_HEADER:
+        return None  # absent, empty, or a new log's header write torn: no frame can follow it
+    magic, version, page_size, _, salt1, salt2, sum1, sum2 = struct.unpack(">8I", head[:WAL_HEADER])
+    big_endian = magic & 1 == 1
+    sane = (magic in WAL_MAGICS and version == WAL_VERSION
+            and 512 <= page_size <= 65536 and page_size & (page_size - 1) == 0)
+    checksum = _wal_checksum(head[:24], big_endian)
+    if magic in WAL_MAGICS and checksum == (sum1, sum2):
+        # SQLite wrote it whole; frame by frame it checks salts and checksums and drops a torn tail.
+        return None if sane else f"damaged (version {version}, page size {page_size}: not SQLite's)"
+    if size == WAL_HEADER:
+        return None  # a header torn with nothing behind it
+    if not sane:  # a restart rewrites bytes 0-11 unchanged, and a new log has no frames before its sync
+        return "damaged (not a SQLite write-ahead log header)"
+    frame = head[WAL_HEADER:WAL_HEADER + WAL_FRAME_HEADER + page_size]
+    if len(frame) == WAL_FRAME_HEADER + page_size:
+        chained = _wal_checksum(frame[:8] + frame[WAL_FRAME_HEADER:], big_endian, *checksum)
+        if (struct.unpack(">2I", frame[8:16]) == (salt1, salt2)
+                and chained == struct.unpack(">2I", frame[16:24])):
+            return "damaged (header checksum mismatch, though its first frame was written under it)"
+    return None  # a restart's header, torn: the frames behind it are all in the database
 
 
 class Storage:
@@ -312,20 +347,23 @@ class Storage:
             raise describe_error(self.path, exc) from exc
 
     def _check_wal(self) -> None:
-        """Refuse a write-ahead log whose header is damaged or cut short.
+        """Refuse a write-ahead log that no power cut can explain; accept every state a cut leaves.
 
-        SQLite ignores such a log without a word, and with it every transaction it holds: invoices and
-        marks would vanish and their numbers be handed out again. Better to stop and let an operator look.
+        SQLite ignores a log whose header is torn or damaged without a word, and with it every
+        transaction it holds. After a power cut that loses nothing (the frames behind a torn header are
+        all checkpointed), so the daemon starts by itself; any other damage may hide invoices and marks
+        whose numbers would be handed out again, so it stops and lets an operator look.
         """
         wal = Path(f"{self.path}-wal")
         try:
             with wal.open("rb") as log:
-                header = log.read(WAL_HEADER)
+                size = os.fstat(log.fileno()).st_size
+                head = log.read(WAL_HEADER + WAL_FRAME_HEADER + 65536)
         except FileNotFoundError:
             return
         except OSError as exc:
             raise describe_error(wal, exc) from exc
-        problem = wal_header_problem(header)
+        problem = wal_header_problem(head, size)
         if problem:
             raise StorageError(f"database {self.path}: its write-ahead log {wal} is {problem}; refusing "
                                "to open it, as SQLite would silently drop the transactions in it")
@@ -373,13 +411,13 @@ class Storage:
                 raise
             cursor.execute("COMMIT")
 
-    def _write(self, action: Any) -> Any:
-        """Run ``action(cursor)`` in a transaction, turning SQLite and OS errors into StorageError."""
+    def _write(self, action: Any, doing: str) -> Any:
+        """Run ``action(cursor)`` in a transaction; an error becomes a StorageError that names ``doing``."""
         try:
             with self._transaction() as cursor:
                 return action(cursor)
         except (sqlite3.Error, OSError) as exc:
-            raise describe_error(self.path, exc) from exc
+            raise describe_error(self.path, exc, doing) from exc
 
     # -- the storage interface ------------------------------------------------------------------------
 
@@ -403,19 +441,20 @@ class Storage:
             runs = sorted([*runs, *found])
             return RecoveryPlan(high_water, stored_through, cast("tuple[Run, ...]", tuple(runs)),
                                 tuple(missing_ranges(stored_through, high_water, cast("list[Run]", runs))))
-        result: RecoveryPlan = self._write(plan)
+        result: RecoveryPlan = self._write(plan, "finding the numbers to recover")
         return result
 
     def reserve(self, count: int) -> tuple[int, int]:
         """Durably raise the high-water mark by ``count``; return the first and last reserved number."""
         def raise_mark(cursor: sqlite3.Cursor) -> int:
             return int(cursor.execute(RAISE_HIGH_WATER, (count,)).fetchone()[0])
-        last: int = self._write(raise_mark)
+        last: int = self._write(raise_mark, "reserving invoice numbers")
         return last - count + 1, last
 
     def release(self, last_issued: int) -> None:
         """Lower the high-water mark to ``last_issued``, giving back reserved numbers never handed out."""
-        self._write(lambda cursor: cursor.execute(LOWER_HIGH_WATER, (last_issued, last_issued)))
+        self._write(lambda cursor: cursor.execute(LOWER_HIGH_WATER, (last_issued, last_issued)),
+                    "releasing unused invoice numbers")
 
     def failed(self, ids: Sequence[int] = ()) -> list[tuple[int, int, str]]:
         """(id, attempts, error) of the invoices stored as failed (only ``ids``, if given), by number."""
@@ -439,7 +478,7 @@ class Storage:
         def replace(cursor: sqlite3.Cursor) -> bool:
             cursor.execute(REPLACE_FAILED, (*row[1:9], row[9], row[0]))
             return cursor.rowcount == 1
-        result: bool = self._write(replace)
+        result: bool = self._write(replace, "replacing a failed invoice")
         return result
 
     def save_batch(self, batch: Batch, stored_through: int, runs: Sequence[Run] = ()) -> None:
@@ -457,7 +496,7 @@ class Storage:
                 cursor.execute(DELETE_RUNS)
                 _insert(cursor, INSERT_RUNS_PREFIX, ANY_SELECT, 2, list(itertools.chain.from_iterable(runs)),
                         most=most)
-        self._write(save)
+        self._write(save, "committing invoices")
         self._had_runs = bool(runs)
 
 
