@@ -21,7 +21,7 @@ from invoicer.outage import OutageBreaker
 from invoicer.pipeline import ConsumerPool, Part, Producer, chunk_for, consumers, invoice_row, max_chunk
 from invoicer.pipeline.consumers import LONG_CALL_S
 from invoicer.processing import build_invoice
-from invoicer.storage import Row
+from invoicer.storage import Batch, Row
 from invoicer.workqueue import WorkQueue
 from tests.test_generator import CountingReserver
 
@@ -417,7 +417,7 @@ def test_closing_does_not_block_on_a_full_results_queue() -> None:
     """close() hands over what given-up calls left within its timeout, or says it could not yet."""
     pool, work, _results, release, entered = hung_pool({1}, workers=1, timeout=1.0)
     full: queue.Queue[Part] = queue.Queue(maxsize=1)
-    full.put(Part(range(0), pipeline.Batch()))
+    full.put(Part(range(0), Batch()))
     pool._results = full  # the writer has stopped taking parts (a stalled disk)
     work.put([1])
     wait_entered(entered, 1)
