@@ -31,7 +31,7 @@ log = logging.getLogger("invoicer")
 OUTAGE_INVOICES = 5     # different invoices failing in a row that make an outage, at least ...
 MAX_OUTAGE_INVOICES = 20  # ... and at most (one per worker in between)
 FIRST_BACKOFF_S = 0.25  # the first probe after this long, doubling ...
-MAX_BACKOFF_S = 5.0     # ... up to this: service back means throughput back within seconds
+MAX_BACKOFF_S = 2.0     # ... up to this: the service back means throughput back within 2 s
 MAX_PROBES = 3          # failed probes one invoice may make before it counts as poison
 
 
