@@ -51,6 +51,11 @@ def test_installed_entry_point_exists() -> None:
 @pytest.fixture(scope="module")
 def manager() -> Iterator[UserManager]:
     """A user manager with the repository's unit, the test drop-in and an environment file."""
+    yield from unit_manager()
+
+
+def unit_manager() -> Iterator[UserManager]:
+    """Start a user manager with the repository's unit and the test drop-in; stop it all after."""
     missing = missing_requirements()
     require(not missing, f"cannot run a systemd user manager here: missing {', '.join(missing)}")
     harness = UserManager()

@@ -22,7 +22,15 @@ from invoicer.outage import OUTAGE_INVOICES
 from tests.conftest import REPO, assert_gap_free, require
 from tests.http_service import InvoiceService
 from tests.systemd_harness import UserManager, missing_requirements
-from tests.test_systemd import DROP_IN, UNIT, database, extra_drop_in, status, wait_until, write_environment
+from tests.test_systemd import (
+    UNIT,
+    database,
+    extra_drop_in,
+    status,
+    unit_manager,
+    wait_until,
+    write_environment,
+)
 
 pytestmark = pytest.mark.systemd
 
@@ -44,20 +52,7 @@ def network_drop_in(allow: str) -> str:
 @pytest.fixture(scope="module")
 def manager() -> Iterator[UserManager]:
     """A user manager with the repository's unit and the same test drop-in as test_systemd.py."""
-    missing = missing_requirements()
-    require(not missing, f"cannot run a systemd user manager here: missing {', '.join(missing)}")
-    harness = UserManager()
-    try:
-        harness.start()
-        shutil.copy(REPO / UNIT, harness.units / UNIT)
-        drop_in = harness.units / f"{UNIT}.d"
-        drop_in.mkdir()
-        (drop_in / "test.conf").write_text(DROP_IN.format(bin=Path(sys.executable).parent, repo=REPO))
-        harness.systemctl("daemon-reload")
-        yield harness
-    finally:
-        harness.systemctl("stop", UNIT, check=False, timeout=60)
-        harness.stop()
+    yield from unit_manager()
 
 
 @pytest.fixture
