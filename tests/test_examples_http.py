@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from invoicer.processing import build_invoice
+from invoicer.processing import ServiceUnavailableError, build_invoice
 from tests.conftest import DAEMON_SRC, Daemon, assert_gap_free, require
 from tests.http_service import CLOSE, HOLD, Answer, InvoiceService, keys
 
@@ -154,9 +154,9 @@ def test_other_answers_raise_at_once_naming_the_status(example: ModuleType, post
 
 def test_a_status_still_failing_after_the_retries_raises(example: ModuleType, poster: InvoicePoster,
                                                          service: InvoiceService, waits: list[float]) -> None:
-    """Three 503s in a row: three requests with one key, two waits, then the 503 is raised."""
+    """Three 503s in a row: three requests with one key, two waits, then ServiceUnavailableError."""
     service.script(Answer(503, body="down"), Answer(503, body="down"), Answer(503, body="still down"))
-    with pytest.raises(example.HTTPStatusError, match=r": HTTP 503 Service Unavailable: 'still down'$"):
+    with pytest.raises(ServiceUnavailableError, match=r": HTTP 503 Service Unavailable: 'still down'$"):
         poster.post(build_invoice(9))
     assert keys(service.recorded()) == ["9", "9", "9"]
     assert waits == [0.25, 0.5]

@@ -67,10 +67,39 @@ def test_retries_of_invoices_cleared_by_a_later_success_never_pause() -> None:
     """Invoices that failed before a later-started call succeeded are poison: their retries do not count."""
     breaker = OutageBreaker(clock=FakeClock())
     for number in range(1, 9):  # eight poison invoices fail first, each followed by a success
-        assert not breaker.failure(number, ValueError("bad"), started=float(number))
+        assert not breaker.failure(number, ConnectionError("reset"), started=float(number))
         breaker.success(100 + number, started=number + 0.5)
     for number in range(1, 9):  # their retries come due together and fail back to back
-        assert not breaker.failure(number, ValueError("bad"), started=50.0)
+        assert not breaker.failure(number, ConnectionError("reset"), started=50.0)
+    assert not breaker.paused
+
+
+def test_errors_about_the_invoice_never_pause() -> None:
+    """A ValueError (a bad order, a bug) for any number of different invoices is poison, not an outage."""
+    breaker = OutageBreaker(clock=FakeClock())
+    assert not any(breaker.failure(n, ValueError("bad order"), started=100.0) for n in range(1, 500))
+    assert not breaker.paused
+
+
+def test_an_answer_about_the_invoice_to_a_probe_ends_the_pause() -> None:
+    """The service answered the probe (with an error about that invoice): it is up, intake resumes."""
+    clock = FakeClock()
+    breaker = paused_breaker(clock)
+    clock.now += FIRST_BACKOFF_S
+    assert breaker.admit() is True
+    assert breaker.failure(3, ValueError("bad order"), started=clock.now, probe=True) is False
+    assert not breaker.paused
+
+
+def test_failures_of_calls_begun_before_a_success_do_not_pause_again() -> None:
+    """After a probe's success, calls that hung since before it and now fail are not a new outage."""
+    clock = FakeClock()
+    breaker = paused_breaker(clock)
+    clock.now += FIRST_BACKOFF_S
+    assert breaker.admit() is True
+    breaker.success(1, started=clock.now)
+    assert not any(breaker.failure(n, TimeoutError("read timed out"), started=clock.now - 5)
+                   for n in range(10, 10 + OUTAGE_INVOICES))
     assert not breaker.paused
 
 

@@ -428,3 +428,30 @@ def test_closing_does_not_block_on_a_full_results_queue() -> None:
     full.get_nowait()
     assert pool.close(0.05) is True
     release.set()
+
+
+def test_finished_rows_are_handed_over_before_an_outage_wait() -> None:
+    """A consumer that must wait for a paused service first hands the writer what it has finished."""
+    down = threading.Event()
+
+    def service(invoice_id: int) -> object:
+        if invoice_id >= 4 and down.is_set():
+            raise ConnectionError("refused")
+        return build_invoice(invoice_id)
+
+    work = WorkQueue(100)
+    results: queue.Queue[Part] = queue.Queue()
+    pool = ConsumerPool(service, work, results, 5, lambda *_: None)
+    down.set()
+    pool.start()
+    # One consumer takes the chunk: 1-3 succeed; 4-7 fail their attempts one after the other (one worker's
+    # view: they could be bad orders), and 8, the fifth different invoice failing, makes it an outage.
+    work.put(range(1, 10))
+    rows = collect(results, 7)  # handed over while the service is still down
+    assert [rows[n][1] for n in range(1, 8)] == ["ok"] * 3 + ["failed"] * 4
+    assert pool.breaker.paused
+    down.clear()
+    rows = collect(results, 2)
+    assert [rows[8][1], rows[9][1]] == ["ok", "ok"]
+    pool.retire_all()
+    assert pool.join(10)

@@ -219,3 +219,16 @@ def test_a_long_outage_resumes_when_the_service_returns(tmp_path: Path, start_da
     facts = assert_gap_free(database)
     assert facts.failed < OUTAGE_INVOICES  # only those before the outage was recognised (one worker)
     assert "failed 3 probes" not in output
+
+
+def test_a_run_of_bad_invoices_is_poison_not_an_outage(tmp_path: Path, start_daemon: StartDaemon) -> None:
+    """Fifty bad orders in a row (ValueError): each stored as failed, intake never pauses."""
+    database = tmp_path / "invoices.db"
+    daemon = start_daemon(database, INVOICER_WORKERS="4", INVOICER_QUEUE_SIZE="64",
+                          INVOICER_PROCESSOR=f"{PLUGINS}:bad_range", BAD_FROM="1000", BAD_TO="1049")
+    daemon.wait_stored(3000)
+    daemon.signal(signal.SIGTERM)
+    code, output = daemon.wait()
+    assert code == 0, output
+    assert assert_gap_free(database).failed == 50
+    assert '"event": "paused"' not in output

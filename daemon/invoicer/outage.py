@@ -5,6 +5,12 @@ down, not that those invoices are bad. Then the consumers stop spending attempts
 every invoice in flight as failed): they wait, and one call at a time probes the service with capped
 exponential backoff, in turn (a ticket queue), until a call succeeds and every consumer resumes.
 
+Only errors of the kind an outage raises count: ``OSError`` (refused or reset connections, timeouts,
+unreachable networks), ``invoicer.processing.ServiceUnavailableError`` that a processor raises for "try
+later" answers, and calls given up at their deadline. Any other error (a ValueError for a bad order, a
+processor bug) is about the invoice: poison, stored as failed after its attempts, however many invoices
+fail in a row; and when it answers a probe, the service is evidently up again.
+
 "After" is by the calls' start times: a call that started before an invoice failed and succeeds later
 says nothing about the service now (it is a straggler from before the outage), while a call that
 started later and succeeds clears every invoice that failed before it: those are poison, and their
@@ -13,8 +19,9 @@ after its attempts, as before, even when the retries of many such invoices come 
 number of different invoices that makes an outage grows with the worker count (more invoices are in
 flight at once), from OUTAGE_INVOICES to MAX_OUTAGE_INVOICES.
 
-One invoice can be the failing probe at most MAX_PROBES times; after that it counts as poison too.
-Without that bound, one worker behind a run of bad orders would probe with the same bad order forever.
+An invoice that fails MAX_PROBES probes goes round: to the back of the queue, untouched, so that others
+probe next. None is stored as failed for an outage, however long it lasts; the pause ends with the
+first call that succeeds, or that the service answers with an error about the invoice.
 """
 
 from __future__ import annotations
@@ -33,6 +40,11 @@ MAX_OUTAGE_INVOICES = 20  # ... and at most (one per worker in between)
 FIRST_BACKOFF_S = 0.25  # the first probe after this long, doubling ...
 MAX_BACKOFF_S = 2.0     # ... up to this: the service back means throughput back within 2 s
 MAX_PROBES = 3          # failed probes one invoice may make before it counts as poison
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` is the kind of error a service outage raises (see the module docstring)."""
+    return isinstance(exc, OSError)
 
 
 def describe(exc: BaseException) -> str:
@@ -55,6 +67,7 @@ class OutageBreaker:
         self.tracking = False            # anything in _suspects or _cleared: a success has work to do
         self.error = ""                  # the latest failure while paused, for STATUS=
         self._suspects: dict[int, float] = {}  # failing invoice -> start of its first failed call
+        self._last_success = 0.0         # start of the latest call that succeeded (kept across pauses)
         self._cleared: set[int] = set()  # failing invoices a later call's success showed to be poison
         self._paused_at = 0.0
         self._backoff = FIRST_BACKOFF_S
@@ -89,6 +102,7 @@ class OutageBreaker:
     def success(self, number: int, started: float) -> None:
         """Record that the call for ``number`` begun at ``started`` succeeded."""
         with self._cond:
+            self._last_success = max(self._last_success, started)
             self._cleared.discard(number)
             self._suspects.pop(number, None)
             for suspect, failed in list(self._suspects.items()):
@@ -108,6 +122,10 @@ class OutageBreaker:
     def failure(self, number: int, exc: BaseException, *, started: float, probe: bool = False) -> bool:
         """Record that a call for ``number`` failed; True if an outage is on (the attempt must not count)."""
         with self._cond:
+            if not is_outage(exc):  # about this invoice, not the service
+                if self.paused and probe:  # and the service did answer the probe
+                    self._resume()
+                return False
             if self.paused:
                 self.error = describe(exc)
                 if probe:
@@ -116,7 +134,7 @@ class OutageBreaker:
                     self._backoff = min(MAX_BACKOFF_S, self._backoff * 2)
                     self._cond.notify_all()
                 return True
-            if number not in self._cleared:
+            if number not in self._cleared and started >= self._last_success:  # else: from before a success
                 self._suspects.setdefault(number, started)
             self.tracking = True
             if len(self._suspects) < self.threshold:

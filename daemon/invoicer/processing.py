@@ -29,6 +29,15 @@ CENT = Decimal("0.01")
 CURRENCY = "EUR"
 
 
+class ServiceUnavailableError(ConnectionError):
+    """Raise it from a processor when the service answered "not now" (HTTP 503, say) rather than "bad".
+
+    Like any OSError it tells the daemon an outage may be under way: when it comes for several different
+    invoices in a row, intake pauses instead of storing them as failed. Any other exception is taken to
+    be about the invoice itself.
+    """
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Invoice:
     """A processed invoice, ready to be stored; ``id`` is the invoice number."""

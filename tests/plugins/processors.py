@@ -88,3 +88,10 @@ def run_subprocess(invoice_id: int) -> Invoice:
         with open(record, "a", encoding="ascii") as out:
             out.write(f"{allowed}\n")
     return build_invoice(invoice_id)
+
+
+def bad_range(invoice_id: int) -> Invoice:
+    """Raise ValueError for the numbers in $BAD_FROM..$BAD_TO (a run of bad orders); build the rest."""
+    if int(os.environ["BAD_FROM"]) <= invoice_id <= int(os.environ["BAD_TO"]):
+        raise ValueError(f"order for {invoice_id} is malformed")
+    return build_invoice(invoice_id)

@@ -47,7 +47,7 @@ import urllib.parse
 from collections.abc import Callable, Mapping
 
 from invoicer import __version__
-from invoicer.processing import Invoice, build_invoice
+from invoicer.processing import Invoice, ServiceUnavailableError, build_invoice
 
 log = logging.getLogger("invoicer.examples.http")
 
@@ -228,8 +228,10 @@ class InvoicePoster:
             return
         error = HTTPStatusError(f"{where}: HTTP {response.status} {response.reason}: "
                                 f"{_one_line(excerpt)!r}")
-        if response.status in RETRIED_STATUSES:
-            raise _RetryableError(error, retry_after_seconds(response.getheader("Retry-After"), time.time()))
+        if response.status in RETRIED_STATUSES:  # "not now": after the retries, a sign of an outage
+            unavailable = ServiceUnavailableError(str(error))
+            raise _RetryableError(unavailable, retry_after_seconds(response.getheader("Retry-After"),
+                                                                   time.time()))
         raise error
 
 

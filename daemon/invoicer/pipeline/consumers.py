@@ -351,7 +351,7 @@ class ConsumerPool:
         attempt = 1
         probes = 0
         while True:
-            slot.probe = self._admit() if breaker.paused else False
+            slot.probe = self._admit(slot) if breaker.paused else False
             slot.attempt = attempt
             slot.call_started = started = time.monotonic()
             try:
@@ -388,8 +388,9 @@ class ConsumerPool:
             self._pause(backoff)
             attempt += 1
 
-    def _admit(self) -> bool:
-        """Wait for the paused service's turn to probe, holding no gate place meanwhile."""
+    def _admit(self, slot: _Slot) -> bool:
+        """Wait for the paused service's turn to probe, holding no gate place (nor finished rows)."""
+        self._hand_over(slot, slot.index)  # what is done commits now, not after the outage
         self.gate.release()
         try:
             return self.breaker.admit()
