@@ -28,7 +28,9 @@ from invoicer.storage import (
     Run,
     Storage,
     StorageError,
+    format_runs,
     missing_ranges,
+    parse_runs,
 )
 
 
@@ -349,7 +351,7 @@ def test_missing_ranges_are_the_gaps_between_runs(through: int, high_water: int,
 
 
 def test_a_schema_1_database_gets_its_runs_saved(tmp_path: Path) -> None:
-    """A database from before stored_runs is migrated once: its runs are read from the rows, then saved."""
+    """A database from before the saved runs is migrated once: its runs are read from the rows, then saved."""
     path = tmp_path / "old.db"
     with sqlite3.connect(path) as connection:
         connection.executescript("""
@@ -372,6 +374,7 @@ def test_a_schema_1_database_gets_its_runs_saved(tmp_path: Path) -> None:
     assert plan.missing == (range(4, 5), range(8, 9), range(10, 21))
     with sqlite3.connect(path) as connection:
         assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert connection.execute("SELECT stored_runs FROM sequence").fetchone()[0] == "5-7,9-9"
     connection.close()
 
 
@@ -398,3 +401,22 @@ def test_stored_runs_merge_whatever_order_they_come_in() -> None:
     stored.add(5, 8)  # below stored_through: nothing to do
     stored.add_numbers([22, 23, 25])
     assert stored.runs() == ((22, 23), (25, 25))
+
+
+def test_runs_are_saved_as_readable_text(storage: Storage) -> None:
+    """The runs above stored_through are plain text an operator can read: first-last pairs."""
+    storage.reserve(20)
+    storage.save_batch(batch([1, 2, 5, 6, 9]), stored_through=2, runs=[(5, 6), (9, 9)])
+    with sqlite3.connect(storage.path) as connection:
+        assert connection.execute("SELECT stored_runs FROM sequence").fetchone()[0] == "5-6,9-9"
+    connection.close()
+    assert parse_runs(format_runs([(5, 6), (9, 9)])) == [(5, 6), (9, 9)]
+
+
+def test_damaged_saved_runs_are_a_clear_error(storage: Storage) -> None:
+    """Saved runs that are not first-last pairs stop recovery with a message naming them."""
+    with sqlite3.connect(storage.path) as connection:
+        connection.execute("UPDATE sequence SET stored_runs = 'five-six'")
+    connection.close()
+    with pytest.raises(StorageError, match=r"sequence.stored_runs is damaged \('five-six'\)"):
+        storage.recovery_plan()

@@ -46,7 +46,7 @@ OPEN_BELOW_SHARE = 0.1
 UPDATE_EVERY = 4    # reports between two recomputations of the limit
 PROBE_EVERY_S = 10.0  # how often to try one more core's worth of consumers
 PROBE_S = 1.0         # ... for this long (at least one observer tick)
-PROBE_GAIN = 0.5      # cores the process must gain in a probe to keep it
+PROBE_GAIN = 0.5      # cores beyond cores - 1 the process must use in a probe to keep it
 
 
 def limit_for(share: float, workers: int, cores: int = 1) -> int:
@@ -78,7 +78,7 @@ class ConcurrencyGate:
         # Cores' worth of consumers admitted; only tick() (the observer thread) changes it.
         self.cores = 1
         self._max_cores = cpus or len(os.sched_getaffinity(0))  # the CPUs this process may use
-        self._probe: tuple[float, float] | None = None  # (started, the process's cores used before)
+        self._probe: tuple[float, float] | None = None  # (started, the process's CPU seconds then)
         self._next_probe = PROBE_EVERY_S
         self._last: tuple[float, float] | None = None   # (now, CPU seconds) at the previous tick
 
@@ -104,11 +104,13 @@ class ConcurrencyGate:
         used = (cpu_seconds - last[1]) / (now - last[0])  # cores the whole process used since then
         with self._cond:
             if self._probe is not None:
-                started, before = self._probe
+                started, cpu_then = self._probe
                 if now - started < PROBE_S:
                     return
                 self._probe = None
-                if used < before + PROBE_GAIN:
+                # GIL-bound work keeps the process near one core (plus the writer's SQLite time),
+                # however many consumers run; work in C with the GIL released uses one core per consumer.
+                if (cpu_seconds - cpu_then) / (now - started) < self.cores - 1 + PROBE_GAIN:
                     self.cores -= 1  # one more core's worth of consumers did not use one more core
                     self._next_probe = now + PROBE_EVERY_S
                 else:
@@ -120,7 +122,7 @@ class ConcurrencyGate:
                 self._update()
             elif (now >= self._next_probe and self.cores < self._max_cores
                   and self._limit < self._workers):
-                self._probe = (now, used)
+                self._probe = (now, cpu_seconds)
                 self.cores += 1
                 self._update()
 

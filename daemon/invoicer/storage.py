@@ -10,8 +10,10 @@ The ``sequence`` row holds two durable marks:
 * ``stored_through``: every number <= it is stored. It only moves forward, inside the same transaction
   as the rows that let it move.
 
-Above ``stored_through``, table ``stored_runs`` holds the runs of numbers stored out of order (work still
-in flight left gaps below them), rewritten in every commit. Recovery reads the marks and these few runs
+Above ``stored_through``, column ``stored_runs`` holds the runs of numbers stored out of order (work
+still in flight left gaps below them) as text, ``first-last,first-last``, rewritten in every commit by
+the same statement that advances ``stored_through`` (another statement per commit would cost the writer
+another wait for the GIL). Recovery reads the marks and these few runs
 and finds the missing numbers as ranges, without reading the invoices, however many rows a hung call
 kept above ``stored_through``.
 """
@@ -51,13 +53,10 @@ SCHEMA = (
     """CREATE TABLE IF NOT EXISTS sequence (
         id INTEGER PRIMARY KEY CHECK (id = 1),
         high_water INTEGER NOT NULL CHECK (high_water >= 0),
-        stored_through INTEGER NOT NULL CHECK (stored_through >= 0)
+        stored_through INTEGER NOT NULL CHECK (stored_through >= 0),
+        stored_runs TEXT NOT NULL DEFAULT ''
     )""",
     "INSERT OR IGNORE INTO sequence (id, high_water, stored_through) VALUES (1, 0, 0)",
-    """CREATE TABLE IF NOT EXISTS stored_runs (
-        first INTEGER PRIMARY KEY,
-        last INTEGER NOT NULL CHECK (last >= first)
-    )""",
     # `invoicer failed` reads the failed invoices through this, not the whole table; it holds only them.
     "CREATE INDEX IF NOT EXISTS invoices_failed ON invoices (id) WHERE status = 'failed'",
 )
@@ -65,7 +64,6 @@ SCHEMA = (
 # power of two and padded with rows of zeros that the WHERE drops (invoice numbers start at 1).
 INSERT_PREFIX = ("INSERT INTO invoices"
                  " (id, status, customer, currency, subtotal, tax, total, document, error, attempts) SELECT ")
-INSERT_RUNS_PREFIX = "INSERT INTO stored_runs (first, last) SELECT "
 # Processed invoices, the usual case, bind OK_WIDTH values a row: status and error are literals. Binding
 # costs the writer the GIL: 19 ns for an int, 68 ns for a str, 260 ns for None (which sqlite3 passes
 # through its adapter lookup), so the ten-value row of a processed invoice took 0.85 us and these eight
@@ -86,12 +84,14 @@ ROWS_PER_STATEMENT = 2048
 SELECT_MARKS = "SELECT high_water, stored_through FROM sequence WHERE id = 1"
 SELECT_MAX_ID = "SELECT max(id) FROM invoices"
 SELECT_IDS_BETWEEN = "SELECT id FROM invoices WHERE id > ? AND id <= ? ORDER BY id"
-SELECT_RUNS = "SELECT first, last FROM stored_runs WHERE last > ? ORDER BY first"
-DELETE_RUNS = "DELETE FROM stored_runs"
+SELECT_RUNS = "SELECT stored_runs FROM sequence WHERE id = 1"
+ADD_RUNS_COLUMN = "ALTER TABLE sequence ADD COLUMN stored_runs TEXT NOT NULL DEFAULT ''"
 SELECT_FAILED = "SELECT id, attempts, error FROM invoices WHERE status = 'failed' ORDER BY id"
 RAISE_HIGH_WATER = "UPDATE sequence SET high_water = high_water + ? WHERE id = 1 RETURNING high_water"
 LOWER_HIGH_WATER = "UPDATE sequence SET high_water = ? WHERE id = 1 AND high_water > ?"
-ADVANCE_STORED_THROUGH = "UPDATE sequence SET stored_through = ? WHERE id = 1 AND stored_through < ?"
+# Never moves stored_through back; the runs are those above the stored_through the writer passes.
+ADVANCE_STORED_THROUGH = ("UPDATE sequence SET stored_through = max(stored_through, ?), stored_runs = ?"
+                          " WHERE id = 1")
 REPLACE_FAILED = (
     "UPDATE invoices SET status = ?, customer = ?, currency = ?, subtotal = ?, tax = ?, total = ?,"
     " document = ?, error = ?, attempts = attempts + ? WHERE id = ? AND status = 'failed'"
@@ -298,7 +298,6 @@ class Storage:
         self._connection: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
         self._rows_per_statement = 1
-        self._had_runs = True  # whether stored_runs may hold rows (unknown until the first save)
 
     # -- life cycle ---------------------------------------------------------------------------------
 
@@ -434,13 +433,18 @@ class Storage:
             if max_id > high_water:  # rows written by hand above the mark: cover them, never reuse them
                 cursor.execute(SET_HIGH_WATER_AT_LEAST, (max_id, max_id))
                 high_water = max_id
-            runs = [tuple(row) for row in cursor.execute(SELECT_RUNS, (stored_through,))]
+            saved = cursor.execute(SELECT_RUNS).fetchone()[0]
+            try:
+                runs = [run for run in parse_runs(saved) if run[1] > stored_through]
+            except ValueError:
+                raise StorageError(f"database {self.path}: sequence.stored_runs is damaged "
+                                   f"({saved[:80]!r})") from None
             found: list[Run] = []  # rows inside a gap: written by hand, say; stored all the same
-            for gap in missing_ranges(stored_through, high_water, cast("list[Run]", runs)):
+            for gap in missing_ranges(stored_through, high_water, runs):
                 found += ((n, n) for (n,) in cursor.execute(SELECT_IDS_BETWEEN, (gap.start - 1, gap[-1])))
             runs = sorted([*runs, *found])
-            return RecoveryPlan(high_water, stored_through, cast("tuple[Run, ...]", tuple(runs)),
-                                tuple(missing_ranges(stored_through, high_water, cast("list[Run]", runs))))
+            return RecoveryPlan(high_water, stored_through, tuple(runs),
+                                tuple(missing_ranges(stored_through, high_water, runs)))
         result: RecoveryPlan = self._write(plan, "finding the numbers to recover")
         return result
 
@@ -484,20 +488,29 @@ class Storage:
     def save_batch(self, batch: Batch, stored_through: int, runs: Sequence[Run] = ()) -> None:
         """Insert ``batch``, advance ``stored_through`` and save the ``runs`` above it, in one transaction."""
         most = self._rows_per_statement
-        rewrite_runs = bool(runs) or self._had_runs
+        saved_runs = format_runs(runs)
 
         def save(cursor: sqlite3.Cursor) -> None:
             _insert(cursor, INSERT_PREFIX, OK_SELECT, OK_WIDTH, batch.ok, most=most)
             if batch.failed:
                 failed = list(itertools.chain.from_iterable(batch.failed))
                 _insert(cursor, INSERT_PREFIX, ANY_SELECT, COLUMNS, failed, most=most)
-            cursor.execute(ADVANCE_STORED_THROUGH, (stored_through, stored_through))
-            if rewrite_runs:
-                cursor.execute(DELETE_RUNS)
-                _insert(cursor, INSERT_RUNS_PREFIX, ANY_SELECT, 2, list(itertools.chain.from_iterable(runs)),
-                        most=most)
+            cursor.execute(ADVANCE_STORED_THROUGH, (stored_through, saved_runs))
         self._write(save, "committing invoices")
-        self._had_runs = bool(runs)
+
+
+def format_runs(runs: Sequence[Run]) -> str:
+    """Write runs as the column holds them: ``first-last`` pairs, comma-separated."""
+    return ",".join(f"{first}-{last}" for first, last in runs)
+
+
+def parse_runs(text: str) -> list[Run]:
+    """Read the runs column back (a damaged one is a damaged database)."""
+    runs = []
+    for pair in filter(None, text.split(",")):
+        first, _, last = pair.partition("-")
+        runs.append((int(first), int(last)))
+    return sorted(runs)
 
 
 def _migrate_runs(cursor: sqlite3.Cursor) -> None:
@@ -510,9 +523,9 @@ def _migrate_runs(cursor: sqlite3.Cursor) -> None:
             runs[-1] = (runs[-1][0], number)
         else:
             runs.append((number, number))
-    cursor.execute(DELETE_RUNS)
-    _insert(cursor, INSERT_RUNS_PREFIX, ANY_SELECT, 2, list(itertools.chain.from_iterable(runs)),
-            most=1024)
+    if "stored_runs" not in {row[1] for row in cursor.execute("PRAGMA table_info(sequence)")}:
+        cursor.execute(ADD_RUNS_COLUMN)
+    cursor.execute(ADVANCE_STORED_THROUGH, (stored_through, format_runs(runs)))
 
 
 def _insert(cursor: sqlite3.Cursor, prefix: str, select: str, width: int, values: Sequence[object], *,

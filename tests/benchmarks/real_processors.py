@@ -94,7 +94,8 @@ def hang(directory: Path, listener: NotifyListener) -> None:
         _, stored, _ = next_stored(listener, daemon.pid)
         if int(elapsed) % 5 == 0:
             through = one_query(database, "SELECT stored_through FROM sequence")
-            runs = one_query(database, "SELECT count(*) FROM stored_runs")
+            saved = str(one_query(database, "SELECT stored_runs FROM sequence"))
+            runs = len(saved.split(",")) if saved else 0
             print(f"hang: {elapsed:5.1f} s: {stored:,} stored, stored_through {through:,}, "
                   f"{runs} saved runs, RSS {rss_mib(daemon.pid):.1f} MiB")
             time.sleep(1)  # one line per 5 s mark
