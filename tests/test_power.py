@@ -135,7 +135,9 @@ def run_until_moment(start_daemon: StartDaemon, fs: FaultMount, moment: str, rng
         for _ in range(rng.randint(1, 3)):  # a STATUS or two into the drain, unless it is over sooner
             if daemon.process.poll() is not None:
                 break
-            messages_until(daemon, lambda m: "STATUS=" in m, 5.0)
+            last = messages_until(daemon, lambda m: "STATUS=" in m or "STOPPING=1" in m.split("\n"), 5.0)
+            if "STOPPING=1" in last[-1][1].split("\n"):  # the drain is over: nothing more will come
+                break
     return daemon
 
 
