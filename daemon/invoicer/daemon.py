@@ -189,7 +189,7 @@ class Daemon:
         pending = self._pending()
         # Not committing is legitimate while nothing is pending, intake is paused, or calls are under
         # way (each is bounded by the invoice deadline); otherwise the pipeline is stuck somewhere.
-        if committed != self._progress[0] or not pending or pool.breaker.paused or pool.calls(now)[0]:
+        if committed != self._progress[0] or not pending or pool.breaker.paused or pool.calls():
             self._progress = (committed, now)
         elif now - self._progress[1] > limit:
             quiet = now - self._progress[1]

@@ -151,11 +151,11 @@ EX_IOERR = 74      # sysexits.h: an input/output error (unreadable, unwritable, 
 EX_TEMPFAIL = 75   # sysexits.h: try again later (another instance, or another program's lock)
 
 
-@functools.lru_cache(maxsize=48)
-def _insert_statement(prefix: str, select: str, width: int, rows: int) -> str:
+@functools.lru_cache(maxsize=32)
+def _insert_statement(select: str, width: int, rows: int) -> str:
     row = f"({', '.join('?' * width)})"
     values = ", ".join([row] * rows)  # placeholders only: no value enters the SQL text
-    return f"{prefix}{select} FROM (VALUES {values}) WHERE column1 > 0"
+    return f"{INSERT_PREFIX}{select} FROM (VALUES {values}) WHERE column1 > 0"
 
 
 def _padded_size(rows: int) -> int:
@@ -491,10 +491,10 @@ class Storage:
         saved_runs = format_runs(runs)
 
         def save(cursor: sqlite3.Cursor) -> None:
-            _insert(cursor, INSERT_PREFIX, OK_SELECT, OK_WIDTH, batch.ok, most=most)
+            _insert(cursor, OK_SELECT, OK_WIDTH, batch.ok, most)
             if batch.failed:
                 failed = list(itertools.chain.from_iterable(batch.failed))
-                _insert(cursor, INSERT_PREFIX, ANY_SELECT, COLUMNS, failed, most=most)
+                _insert(cursor, ANY_SELECT, COLUMNS, failed, most)
             cursor.execute(ADVANCE_STORED_THROUGH, (stored_through, saved_runs))
         self._write(save, "committing invoices")
 
@@ -528,8 +528,7 @@ def _migrate_runs(cursor: sqlite3.Cursor) -> None:
     cursor.execute(ADVANCE_STORED_THROUGH, (stored_through, format_runs(runs)))
 
 
-def _insert(cursor: sqlite3.Cursor, prefix: str, select: str, width: int, values: Sequence[object], *,
-            most: int) -> None:
+def _insert(cursor: sqlite3.Cursor, select: str, width: int, values: Sequence[object], most: int) -> None:
     """Insert flat ``values`` (``width`` per row) in statements of at most ``most`` rows."""
     step = most * width
     for start in range(0, len(values), step):
@@ -537,4 +536,4 @@ def _insert(cursor: sqlite3.Cursor, prefix: str, select: str, width: int, values
         rows = len(part) // width
         size = _padded_size(rows)
         part += [0] * ((size - rows) * width)  # ints: the cheapest value to bind
-        cursor.execute(_insert_statement(prefix, select, width, size), part)
+        cursor.execute(_insert_statement(select, width, size), part)

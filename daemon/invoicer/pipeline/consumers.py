@@ -199,11 +199,9 @@ class ConsumerPool:
                 self._give_up(slot, started, now)
         self.gate.lend(long_calls)
 
-    def calls(self, now: float) -> tuple[int, float]:
-        """How many processor calls are under way, and the age of the oldest (0 if none)."""
-        started = [slot.call_started for slot in list(self._slots.values())
-                   if slot.call_started and not slot.abandoned]
-        return len(started), (now - min(started)) if started else 0.0
+    def calls(self) -> int:
+        """How many processor calls are under way (given-up ones not counted)."""
+        return sum(1 for slot in list(self._slots.values()) if slot.call_started and not slot.abandoned)
 
     def _abandon(self, slot: _Slot, started: float) -> bool:
         """Take the loop's work over from it, unless its call returned meanwhile; call with _lock held."""
