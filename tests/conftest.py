@@ -129,6 +129,7 @@ def daemon_env(database: Path, **overrides: str) -> dict[str, str]:
     env["PYTHONPATH"] = f"{DAEMON_SRC}:{REPO}"  # the package, and tests.plugins
     env["INVOICER_DATABASE"] = str(database)
     env["INVOICER_STATUS_INTERVAL"] = "0.1"
+    env["INVOICER_SOURCE"] = "demo"  # most tests want work without submitting it; orders tests override
     env.update(overrides)
     return env
 

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from invoicer.processing import build_invoice
+from invoicer.processing import sample_invoice
 
 STATUS = re.compile(r"STATUS=\w+: (?:[\d,]+ left, )?(\d+) workers, [\d,]+ invoices/s, ([\d,]+) stored, "
                     r"queue ([\d,]+)")
@@ -50,7 +50,7 @@ def processor_alone(seconds: float = 1.0) -> float:
     started = time.perf_counter()
     while (elapsed := time.perf_counter() - started) < seconds:
         for number in range(count + 1, count + 1001):
-            build_invoice(number)
+            sample_invoice(number)
         count += 1000
     return count / elapsed
 
@@ -75,7 +75,7 @@ def measure(workers: int, delay_ms: float, *, seconds: float, warmup: float, que
     socket_path = directory / "notify.sock"
     socket_path.unlink(missing_ok=True)
     listener.bind(str(socket_path))
-    env = {**os.environ, **(extra_env or {}), "NOTIFY_SOCKET": str(socket_path),
+    env = {**os.environ, "INVOICER_SOURCE": "demo", **(extra_env or {}), "NOTIFY_SOCKET": str(socket_path),
            "INVOICER_DATABASE": str(database), "INVOICER_WORKERS": str(workers),
            "INVOICER_PROCESSING_DELAY_MS": f"{delay_ms:g}", "INVOICER_QUEUE_SIZE": str(queue_size),
            "INVOICER_STATUS_INTERVAL": "0.1", "INVOICER_LOG_LEVEL": "WARNING"}

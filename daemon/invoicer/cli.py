@@ -1,4 +1,4 @@
-"""Command line: ``invoicer run`` (the unit's ExecStart), ``--help``, ``--version``."""
+"""Command line: ``invoicer run`` (the unit's ExecStart), ``submit``, the operator commands, ``bench``."""
 
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Configuration comes from the environment (INVOICER_WORKERS, INVOICER_QUEUE_SIZE, "
                "INVOICER_DATABASE, INVOICER_PROCESSOR, INVOICER_PROCESSING_DELAY_MS, "
                "INVOICER_STATUS_INTERVAL, INVOICER_LOG_LEVEL, INVOICER_INVOICE_TIMEOUT, "
-               "INVOICER_CONSUMER_CPU); see invoicer(8) and "
-               "the README.")
+               "INVOICER_CONSUMER_CPU, INVOICER_SOURCE, INVOICER_ORDER_MAX_BYTES, "
+               "INVOICER_INFLIGHT_BYTES); see invoicer(8) and the README.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("run", help="run the daemon in the foreground until SIGTERM or SIGINT",
@@ -37,6 +37,18 @@ def _parser() -> argparse.ArgumentParser:
                     "The unit's ExecReload.")
     reload.add_argument("pid", type=int, help="the daemon's process id ($MAINPID under systemd)")
     reload.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
+    submit = commands.add_parser(
+        "submit", help="submit orders from a JSON-lines file (- for standard input)",
+        description="Check every line of FILE (one JSON order per line; blank lines are skipped) and "
+                    "insert them into the orders table in one transaction; safe while the daemon runs. "
+                    "A bad line is reported with its number and nothing is inserted (exit 65).")
+    submit.add_argument("file", metavar="FILE", nargs="?", default="-",
+                        help="JSON lines to submit (default -: standard input)")
+    rejected = commands.add_parser(
+        "rejected", help="list orders rejected before numbering (id, submitted at, reason)",
+        description="List the submitted orders the daemon refused before giving them a number; safe "
+                    "while the daemon runs.")
+    rejected.add_argument("--json", action="store_true", help="one JSON object per line")
     failed = commands.add_parser(
         "failed", help="list invoices stored as failed (number, attempts, last error)",
         description="List the invoices stored as failed; safe while the daemon runs.")
@@ -128,8 +140,11 @@ def tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
-def maintain(args: argparse.Namespace) -> int:
-    """Run ``failed`` or ``retry`` with the daemon's configuration; errors are one line on stderr."""
+def maintain(args: argparse.Namespace) -> int:  # noqa: PLR0911  # one return per outcome
+    """Run ``submit``, ``failed``, ``rejected`` or ``retry`` with the daemon's configuration.
+
+    Errors are one line on stderr.
+    """
     from invoicer import maintenance  # noqa: PLC0415  # only these commands need it
 
     try:
@@ -137,7 +152,14 @@ def maintain(args: argparse.Namespace) -> int:
         configure_logging(config.log_level, stream=sys.stderr)  # stdout carries the command's output
         if args.command == "failed":
             return maintenance.list_failed(config, as_json=args.json)
+        if args.command == "rejected":
+            return maintenance.list_rejected(config, as_json=args.json)
+        if args.command == "submit":
+            return maintenance.submit(config, args.file)
         return maintenance.retry_failed(config, args.ids)
+    except maintenance.SubmitError as exc:
+        print(f"invoicer {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except ConfigError as exc:
         print(f"invoicer {args.command}: configuration error: {exc}", file=sys.stderr)
         return EX_CONFIG
@@ -146,7 +168,7 @@ def maintain(args: argparse.Namespace) -> int:
         return exc.exit_code
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:  # one return per command
     """Entry point of the ``invoicer`` console script."""
     parser = _parser()
     args = parser.parse_args(argv)
@@ -154,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run()
     if args.command == "reload":
         return reload(args.pid, args.timeout)
-    if args.command in ("failed", "retry"):
+    if args.command in ("failed", "retry", "submit", "rejected"):
         return maintain(args)
     if args.command == "bench":
         from invoicer.bench import run_bench  # noqa: PLC0415  # only the bench needs it

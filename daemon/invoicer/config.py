@@ -20,6 +20,13 @@ MAX_PROCESSING_DELAY_MS = 60_000
 MAX_STATUS_INTERVAL = 3600.0
 MAX_INVOICE_TIMEOUT = 86_400.0
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+SOURCES = ("orders", "demo")
+MIN_ORDER_BYTES = 1024
+MAX_ORDER_BYTES = 256 * 1024 * 1024
+MIN_INFLIGHT_BYTES = 64 * 1024
+MAX_INFLIGHT_BYTES = 64 * 1024 * 1024 * 1024
+BYTE_UNITS = {"": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024**2, "MB": 1024**2, "MIB": 1024**2,
+              "G": 1024**3, "GB": 1024**3, "GIB": 1024**3}
 DEFAULT_PROCESSOR = "invoicer.processing:process"
 DATABASE_FILENAME = "invoices.db"
 
@@ -43,6 +50,12 @@ class Config:
     # Seconds one processor call may run before it is given up. A minute outlasts a slow external call
     # (a tax authority API, a PDF renderer) yet bounds how long a hung one holds an invoice.
     invoice_timeout: float = 60.0
+    # Where work comes from: submitted orders, or synthetic demo orders (invoicer.intake).
+    source: str = "orders"
+    # A submitted order larger than this is rejected before it takes a number.
+    order_max_bytes: int = 4 * 1024 * 1024
+    # Payload bytes of the orders between claim and commit, at most (one larger order goes alone).
+    inflight_bytes: int = 16 * 1024 * 1024
 
     def summary(self) -> dict[str, Any]:
         """Return the settings as a JSON-friendly dict for the start-up log record."""
@@ -77,6 +90,31 @@ def _number(env: Mapping[str, str], name: str, default: float, low: float, high:
     if not in_range:  # also rejects nan; inf fails the upper bound
         raise ConfigError(f"{name}={raw!r} is out of range; expected {accepted}")
     return value
+
+
+def _bytes(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = env.get(name, "").strip()
+    accepted = f"a size from {low:,} to {high:,} bytes, e.g. 4194304 or 4MiB"
+    if not raw:
+        return default
+    digits = raw.rstrip("KMGIBkmgib ")
+    unit = raw[len(digits):].strip().upper()
+    try:
+        value = int(digits, 10) * BYTE_UNITS[unit]
+    except (ValueError, KeyError):
+        raise ConfigError(f"{name}={raw!r} is not a size; expected {accepted}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name}={raw!r} is out of range; expected {accepted}")
+    return value
+
+
+def _source(env: Mapping[str, str]) -> str:
+    raw = env.get("INVOICER_SOURCE", "").strip()
+    if not raw:
+        return Config.source
+    if raw.lower() not in SOURCES:
+        raise ConfigError(f"INVOICER_SOURCE={raw!r} is not a source; expected one of {', '.join(SOURCES)}")
+    return raw.lower()
 
 
 def _log_level(env: Mapping[str, str]) -> str:
@@ -141,7 +179,7 @@ def database_path(env: Mapping[str, str]) -> Path:
     return Path(DATABASE_FILENAME)
 
 
-def load_processor(spec: str) -> Callable[[int], Any]:
+def load_processor(spec: str) -> Callable[..., Any]:
     """Import ``module:callable`` and return the callable; raise ConfigError naming what is wrong."""
     accepted = "'module:callable', e.g. invoicer.processing:process"
     module_name, sep, attribute = spec.partition(":")
@@ -182,6 +220,11 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         consumer_cpu=_consumer_cpu(env, os.sched_getaffinity(0)),
         invoice_timeout=_number(env, "INVOICER_INVOICE_TIMEOUT", Config.invoice_timeout, 0,
                                 MAX_INVOICE_TIMEOUT, low_inclusive=False),
+        source=_source(env),
+        order_max_bytes=_bytes(env, "INVOICER_ORDER_MAX_BYTES", Config.order_max_bytes, MIN_ORDER_BYTES,
+                               MAX_ORDER_BYTES),
+        inflight_bytes=_bytes(env, "INVOICER_INFLIGHT_BYTES", Config.inflight_bytes, MIN_INFLIGHT_BYTES,
+                              MAX_INFLIGHT_BYTES),
     )
 
 

@@ -26,10 +26,12 @@ from invoicer.config import (
     resolve_consumer_cpu,
 )
 from invoicer.generator import MAX_BLOCK_SIZE, InvoiceNumberGenerator
+from invoicer.intake import ByteBudget, DemoSource, OrderSource
 from invoicer.notify import Notifier, watchdog_interval
 from invoicer.observer import Observer, Snapshot, status_line
 from invoicer.outage import OutageBreaker
 from invoicer.pipeline import RESULTS_ROOM, ConsumerPool, Part, Producer, StorageWriter, chunk_for, max_chunk
+from invoicer.processing import order_checker
 from invoicer.storage import EX_TEMPFAIL, RecoveryPlan, Storage, StorageError
 from invoicer.workqueue import WorkQueue
 
@@ -57,7 +59,7 @@ class _AbandonDrainError(Exception):
 class Daemon:
     """Runs the pipeline until a stop signal, then drains it; ``run()`` returns the exit code."""
 
-    def __init__(self, config: Config, processor: Callable[[int], Any],
+    def __init__(self, config: Config, processor: Callable[..., Any],
                  notifier: Notifier | None = None) -> None:
         self.config = config
         self._processor = processor
@@ -120,16 +122,24 @@ class Daemon:
         self._plan = plan
         self._work = WorkQueue(config.queue_size)
         self._results: queue.Queue[Part] = queue.Queue(maxsize=2 * config.workers + RESULTS_ROOM)
-        self._generator = InvoiceNumberGenerator(self._storage, plan.high_water,
-                                                 max_block_size=MAX_BLOCK_SIZE)
+        self._budget = ByteBudget(config.inflight_bytes)
+        self._source: DemoSource | OrderSource
+        if config.source == "demo":
+            self._source = DemoSource(InvoiceNumberGenerator(self._storage, plan.high_water,
+                                                             max_block_size=MAX_BLOCK_SIZE))
+        else:
+            self._source = OrderSource(self._storage, plan.high_water, self._budget,
+                                       order_checker(self._processor),
+                                       max_order_bytes=config.order_max_bytes)
         breaker = OutageBreaker(config.workers)
         self._pool = ConsumerPool(self._processor, self._work, self._results, config.workers,
                                   self._on_fatal, timeout=config.invoice_timeout, breaker=breaker,
                                   cpu=resolve_consumer_cpu(config.consumer_cpu, os.sched_getaffinity(0)))
-        self._producer = Producer(self._generator, self._work, plan.missing,
+        self._producer = Producer(self._source, self._work, plan.missing,
                                   lambda: chunk_for(self._pool.invoice_seconds, largest), self._on_fatal,
-                                  breaker=breaker)
-        self._writer = StorageWriter(self._storage, self._results, plan, self._on_fatal)
+                                  breaker=breaker, results=self._results)
+        self._writer = StorageWriter(self._storage, self._results, plan, self._on_fatal,
+                                     budget=self._budget)
         self._observer = Observer(self._snapshot, self._notifier, config.status_interval, self._watchdog,
                                   housekeeping=self._housekeeping, on_fatal=self._on_fatal,
                                   drain_stall=DRAIN_STALL_S)
@@ -148,6 +158,8 @@ class Daemon:
         # Recovering until every number owed at start-up is stored (stored_through only grows).
         if state == "running" and self._plan.missing and writer.stored_through < self._plan.high_water:
             state = "recovering"
+        elif state == "running" and self._producer.idle and not self._pending():
+            state = "idle"  # no order waiting, nothing in flight
         breaker = self._pool.breaker
         return Snapshot(
             state=state, workers=self._pool.workers,
@@ -265,7 +277,7 @@ class Daemon:
             self._wait(self._pool.close)  # hands over what given-up calls left, while the writer runs
             self._writer.stop()
             self._wait(self._writer.join)
-            self._storage.release(self._generator.last_issued)
+            self._storage.release(self._source.last_issued)
             self._check_events()  # a failure reported as a thread ended is still a failure
         except _AbandonDrainError as exc:
             self._abandon(str(exc), exc.exit_code)
@@ -280,7 +292,7 @@ class Daemon:
         log.info("drained and stopped", extra={
             "drained": self._writer.committed_total - committed_before,
             "seconds": round(time.monotonic() - started, 3), "stored_total": snapshot.stored_total,
-            "last_number": self._generator.last_issued, "pending": snapshot.pending,
+            "last_number": self._source.last_issued, "pending": snapshot.pending,
             "abandoned": snapshot.abandoned})
         self._notifier.status(f"stopped: {snapshot.stored_total:,} stored")
         self._notifier.stopping()

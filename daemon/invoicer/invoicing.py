@@ -1,24 +1,36 @@
 """The invoice for an order of the built-in format (:mod:`invoicer.orders`): exact amounts, one rounding rule.
 
-Groundwork for the orders intake: the pipeline does not call it yet (the built-in processor still makes
-its sample invoice from the number); the intake will hand processors the order, and the built-in one
-will compute its invoice with :func:`invoice_for_order`.
+What the built-in processor (:func:`invoicer.processing.process`) computes for each order it receives;
+:class:`Invoice` is what every processor returns.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from decimal import ROUND_HALF_UP, Context, Decimal, DivisionByZero, InvalidOperation, Overflow, localcontext
 from json.encoder import encode_basestring_ascii
 from typing import Any
 
-from invoicer.processing import CENT, Invoice
-
+CENT = Decimal("0.01")
 _ZERO = Decimal("0.00")
 # Orders keep quantities and prices below 10**9 with at most 6 decimal places (invoicer.orders), so a
 # product has at most 30 digits and a sum of 10,000 lines fewer still: 40 digits keep every step exact,
 # whatever context the calling thread has set.
 _ARITHMETIC = Context(prec=40, rounding=ROUND_HALF_UP, traps=[InvalidOperation, DivisionByZero, Overflow])
 _quote = encode_basestring_ascii  # a str as a JSON string literal, non-ASCII escaped
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Invoice:
+    """A processed invoice, ready to be stored; ``id`` is the invoice number."""
+
+    id: int
+    customer: str
+    currency: str
+    subtotal: Decimal
+    tax: Decimal
+    total: Decimal
+    document: str
 
 
 def invoice_for_order(number: int, order: dict[str, Any]) -> Invoice:

@@ -1,32 +1,59 @@
-"""The processor interface and the built-in sample processor.
+"""The processor interface and the built-in processor.
 
-A processor is any callable ``process(invoice_id: int) -> Invoice``. The built-in one builds a
-deterministic sample invoice from the number (customer, 1-5 line items, ``Decimal`` totals with tax, a
-JSON document) and then waits ``INVOICER_PROCESSING_DELAY_MS`` to stand in for the slow external step of a
-real deployment (a tax authority API, a PDF renderer).
+A processor is any callable ``process(request: InvoiceRequest) -> Invoice`` named by
+``INVOICER_PROCESSOR`` (``module:callable``). The request carries:
+
+``number``
+    the invoice number, gap-free. The processor must be **idempotent on it**: after a timeout, a crash
+    or ``invoicer retry`` it is called again with the same number and the same order, and must produce
+    the same invoice (or do its external step only once, keyed by the number).
+``order_id``
+    ``orders.id`` of the submitted order, or ``None`` for the demo source's synthetic orders.
+``order``
+    the parsed order (a dict from JSON), already checked before it took its number. It may be shared
+    between calls: a processor must not change it.
+
+A processor may carry a ``check_order`` attribute, ``check_order(payload: str, *, max_bytes: int) ->
+dict``: it parses a submitted payload and raises :class:`invoicer.orders.InvalidOrder` (one line) for one
+it cannot invoice, so that the order is refused before it takes a number. Without it, any JSON object
+within the limits of :func:`invoicer.orders.parse_order` is accepted. The built-in processor's is
+:func:`invoicer.orders.check_order` (the format in :mod:`invoicer.orders`).
+
+The built-in :func:`process` computes the invoice (:func:`invoicer.invoicing.invoice_for_order`) and
+then waits ``INVOICER_PROCESSING_DELAY_MS`` to stand in for the slow external step of a real deployment
+(a tax authority API, a PDF renderer).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import time
-from decimal import Decimal
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
-CUSTOMERS = (
-    "Acme Corporation", "Globex GmbH", "Initech Ltd", "Umbrella SA", "Stark Industries",
-    "Wayne Enterprises", "Hooli Inc", "Vandelay Industries", "Soylent BV", "Tyrell Oy",
-)
-PRODUCTS = (
-    ("Consulting hour", Decimal("120.00")), ("Support plan", Decimal("49.90")),
-    ("Licence seat", Decimal("15.00")), ("Training day", Decimal("890.00")),
-    ("Hosting month", Decimal("23.75")), ("Audit", Decimal("1450.00")),
-    ("Integration", Decimal("310.40")), ("Spare part", Decimal("7.35")),
-)
-TAX_RATES = (Decimal("0.19"), Decimal("0.07"), Decimal("0.00"))
-CENT = Decimal("0.01")
-CURRENCY = "EUR"
+from invoicer.invoicing import CENT, Invoice, invoice_for_order
+from invoicer.orders import check_order, demo_order, parse_order
+
+__all__ = [
+    "CENT",
+    "Invoice",
+    "InvoiceRequest",
+    "ServiceUnavailableError",
+    "build_invoice",
+    "demo_request",
+    "order_checker",
+    "process",
+    "sample_invoice",
+    "set_delay_ms",
+]
+
+
+class InvoiceRequest(NamedTuple):
+    """What a processor receives: the invoice number, the order's id and the order (module docstring)."""
+
+    number: int
+    order_id: int | None
+    order: dict[str, Any]
 
 
 class ServiceUnavailableError(ConnectionError):
@@ -36,19 +63,6 @@ class ServiceUnavailableError(ConnectionError):
     invoices in a row, intake pauses instead of storing them as failed. Any other exception is taken to
     be about the invoice itself.
     """
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Invoice:
-    """A processed invoice, ready to be stored; ``id`` is the invoice number."""
-
-    id: int
-    customer: str
-    currency: str
-    subtotal: Decimal
-    tax: Decimal
-    total: Decimal
-    document: str
 
 
 def _read_delay_seconds() -> float:
@@ -68,40 +82,32 @@ def set_delay_ms(delay_ms: float) -> None:
     _delay_seconds = delay_ms / 1000.0
 
 
-def _mix(value: int) -> int:
-    """Hash an integer to 64 bits (splitmix64 finaliser): varied-looking yet deterministic samples."""
-    value = (value + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
-    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return value ^ (value >> 31)
+build_invoice = invoice_for_order
+"""``build_invoice(number, order)``: the built-in processor's invoice, without the wait."""
 
 
-def build_invoice(invoice_id: int) -> Invoice:
-    """Build the deterministic sample invoice for ``invoice_id`` (no waiting)."""
-    seed = _mix(invoice_id)
-    customer = CUSTOMERS[seed % len(CUSTOMERS)]
-    tax_rate = TAX_RATES[(seed >> 8) % len(TAX_RATES)]
-    lines = []
-    subtotal = Decimal(0)
-    for line in range(1 + (seed >> 16) % 5):
-        name, unit_price = PRODUCTS[(seed >> (20 + 3 * line)) % len(PRODUCTS)]
-        quantity = 1 + (seed >> (36 + 2 * line)) % 9
-        amount = unit_price * quantity
-        subtotal += amount
-        lines.append({"item": name, "quantity": quantity, "unit_price": str(unit_price),
-                      "amount": str(amount)})
-    tax = (subtotal * tax_rate).quantize(CENT)
-    total = subtotal + tax
-    document = json.dumps({
-        "invoice": invoice_id, "customer": customer, "currency": CURRENCY, "lines": lines,
-        "subtotal": str(subtotal), "tax_rate": str(tax_rate), "tax": str(tax), "total": str(total),
-    }, separators=(",", ":"))
-    return Invoice(invoice_id, customer, CURRENCY, subtotal, tax, total, document)
+def sample_invoice(number: int) -> Invoice:
+    """Return the invoice of the demo source's synthetic order for ``number``, without waiting."""
+    return invoice_for_order(number, demo_order(number))
 
 
-def process(invoice_id: int) -> Invoice:
-    """Build the sample invoice for ``invoice_id``, then wait the configured processing delay."""
-    invoice = build_invoice(invoice_id)
+def demo_request(number: int) -> InvoiceRequest:
+    """Return the request the demo source makes for ``number`` (and recovery, for a number with no order)."""
+    return InvoiceRequest(number, None, demo_order(number))
+
+
+def process(request: InvoiceRequest) -> Invoice:
+    """Compute the invoice for the request's order, then wait the configured processing delay."""
+    invoice = invoice_for_order(request.number, request.order)
     if _delay_seconds > 0:
         time.sleep(_delay_seconds)
     return invoice
+
+
+process.check_order = check_order  # type: ignore[attr-defined]  # the built-in format, refused early
+
+
+def order_checker(processor: Callable[..., Any]) -> Callable[..., dict[str, Any]]:
+    """Return the processor's ``check_order`` if it has one, else the generic :func:`parse_order`."""
+    checker = getattr(processor, "check_order", None)
+    return checker if callable(checker) else parse_order

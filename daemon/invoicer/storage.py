@@ -26,6 +26,7 @@ import errno
 import fcntl
 import functools
 import itertools
+import json
 import os
 import sqlite3
 import struct
@@ -34,10 +35,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_S = 5.0
+SUBMITTED_AT = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
 
-SCHEMA = (
+TABLES = (
     """CREATE TABLE IF NOT EXISTS invoices (
         id INTEGER PRIMARY KEY,
         status TEXT NOT NULL CHECK (status IN ('ok', 'failed')),
@@ -48,7 +50,8 @@ SCHEMA = (
         total TEXT,
         document TEXT,
         error TEXT,
-        attempts INTEGER NOT NULL
+        attempts INTEGER NOT NULL,
+        order_id INTEGER REFERENCES orders (id)
     )""",
     """CREATE TABLE IF NOT EXISTS sequence (
         id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -57,21 +60,48 @@ SCHEMA = (
         stored_runs TEXT NOT NULL DEFAULT ''
     )""",
     "INSERT OR IGNORE INTO sequence (id, high_water, stored_through) VALUES (1, 0, 0)",
+    # Submitted by any program with INSERT INTO orders (payload) VALUES (?). invoice_id is the number the
+    # order was paired with when the daemon claimed it; rejected, why it was refused without a number.
+    f"""CREATE TABLE IF NOT EXISTS orders (
+        id INTEGER PRIMARY KEY,
+        payload TEXT NOT NULL,
+        submitted_at TEXT NOT NULL DEFAULT ({SUBMITTED_AT}),
+        invoice_id INTEGER UNIQUE,
+        rejected TEXT,
+        CHECK (invoice_id IS NULL OR rejected IS NULL)
+    )""",
+)
+INDEXES = (
     # `invoicer failed` reads the failed invoices through this, not the whole table; it holds only them.
     "CREATE INDEX IF NOT EXISTS invoices_failed ON invoices (id) WHERE status = 'failed'",
+    # One invoice per order, found with one query; demo invoices (no order) stay out of it.
+    "CREATE UNIQUE INDEX IF NOT EXISTS invoices_order ON invoices (order_id) WHERE order_id IS NOT NULL",
+    # The claim reads the waiting orders in submission order through this; claimed ones leave it.
+    "CREATE INDEX IF NOT EXISTS orders_waiting ON orders (id) WHERE invoice_id IS NULL AND rejected IS NULL",
+    "CREATE INDEX IF NOT EXISTS orders_rejected ON orders (id) WHERE rejected IS NOT NULL",
+    # A paired order is what recovery reprocesses under its number: it must not change or go away.
+    """CREATE TRIGGER IF NOT EXISTS orders_paired_fixed BEFORE UPDATE OF payload ON orders
+        WHEN OLD.invoice_id IS NOT NULL
+        BEGIN SELECT RAISE(ABORT, 'order has an invoice number; its payload cannot change'); END""",
+    """CREATE TRIGGER IF NOT EXISTS orders_paired_kept BEFORE DELETE ON orders
+        WHEN OLD.invoice_id IS NOT NULL
+        BEGIN SELECT RAISE(ABORT, 'order has an invoice number; it cannot be deleted'); END""",
 )
+SCHEMA = (*TABLES, *INDEXES)
 # Statements that insert many rows: an INSERT ... SELECT from a VALUES list of ``?`` rows, sized to a
 # power of two and padded with rows of zeros that the WHERE drops (invoice numbers start at 1).
-INSERT_PREFIX = ("INSERT INTO invoices"
-                 " (id, status, customer, currency, subtotal, tax, total, document, error, attempts) SELECT ")
+INSERT_PREFIX = ("INSERT INTO invoices (id, status, customer, currency, subtotal, tax, total, document,"
+                 " error, attempts, order_id) SELECT ")
 # Processed invoices, the usual case, bind OK_WIDTH values a row: status and error are literals. Binding
 # costs the writer the GIL: 19 ns for an int, 68 ns for a str, 260 ns for None (which sqlite3 passes
 # through its adapter lookup), so the ten-value row of a processed invoice took 0.85 us and these eight
-# take 0.45 us.
-OK_SELECT = "column1, 'ok', column2, column3, column4, column5, column6, column7, NULL, column8"
-OK_WIDTH = 8   # id, customer, currency, subtotal, tax, total, document, attempts
+# take 0.45 us. The order id is bound as 0 for a demo invoice (NULLIF makes it NULL): an int binds
+# cheaper than None.
+OK_SELECT = ("column1, 'ok', column2, column3, column4, column5, column6, column7, NULL, column8,"
+             " NULLIF(column9, 0)")
+OK_WIDTH = 9   # id, customer, currency, subtotal, tax, total, document, attempts, order id (0: none)
 ANY_SELECT = "*"
-COLUMNS = 10   # a full Row, for failed invoices
+COLUMNS = 11   # a full Row, for failed invoices
 # Rows per INSERT statement, at most. sqlite3 releases the GIL around every sqlite3_prepare() and
 # sqlite3_step(), and each time the writer must win it back from a busy consumer thread, which takes up
 # to the 5 ms switch interval. executemany() steps once per row (measured: 466 rows/s against one busy
@@ -97,15 +127,30 @@ REPLACE_FAILED = (
     " document = ?, error = ?, attempts = attempts + ? WHERE id = ? AND status = 'failed'"
 )
 SET_HIGH_WATER_AT_LEAST = "UPDATE sequence SET high_water = ? WHERE id = 1 AND high_water < ?"
+ADD_ORDER_COLUMN = "ALTER TABLE invoices ADD COLUMN order_id INTEGER REFERENCES orders (id)"
+# The waiting orders, oldest first; a payload over the size limit is not even read out (NULL).
+SELECT_WAITING = ("SELECT id, CASE WHEN length(CAST(payload AS BLOB)) <= ? THEN payload END,"
+                  " length(CAST(payload AS BLOB)) FROM orders"
+                  " WHERE invoice_id IS NULL AND rejected IS NULL ORDER BY id LIMIT ?")
+# Pairs the claimed orders (a JSON array of ids, in order) with consecutive numbers from the first one.
+PAIR_ORDERS = ("UPDATE orders SET invoice_id = ? + claimed.key FROM json_each(?) AS claimed"
+               " WHERE orders.id = claimed.value AND orders.invoice_id IS NULL AND orders.rejected IS NULL")
+REJECT_ORDER = "UPDATE orders SET rejected = ? WHERE id = ? AND invoice_id IS NULL"
+SELECT_PAIRED = ("SELECT invoice_id, id, payload FROM orders WHERE invoice_id BETWEEN ? AND ?"
+                 " ORDER BY invoice_id")
+UNPAIR_ABOVE = "UPDATE orders SET invoice_id = NULL WHERE invoice_id > ?"
+INSERT_ORDER = "INSERT INTO orders (payload) VALUES (?)"
+SELECT_REJECTED = "SELECT id, submitted_at, rejected FROM orders WHERE rejected IS NOT NULL ORDER BY id"
+SELECT_ORDER_OF = "SELECT id, payload FROM orders WHERE invoice_id = ?"
 
 # What a processed invoice stores besides its literals: id, customer, currency, subtotal, tax, total,
 # document, attempts (OK_SELECT's order).
-OkValues = tuple[int, str, str, str, str, str, str, int]
+OkValues = tuple[int, str, str, str, str, str, str, int, int]
 # first..last, a run of consecutive invoice numbers.
 Run = tuple[int, int]
 # An invoice row, in the table's column order.
 Row = tuple[int, str, str | None, str | None, str | None, str | None, str | None, str | None,
-            str | None, int]
+            str | None, int, int | None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,8 +158,8 @@ class Batch:
     """The rows of one transaction: processed invoices as flat values, failed ones as full rows.
 
     ``ok`` holds OK_WIDTH values per processed invoice (id, customer, currency, subtotal, tax, total,
-    document, attempts), one flat sequence for the whole batch, which is what the statement binds; the
-    consumers build it as they go, so no per-row tuple is made and taken apart again.
+    document, attempts, order id or 0), one flat sequence for the whole batch, which is what the
+    statement binds; the consumers build it as they go, so no per-row tuple is made and taken apart.
     """
 
     ok: Sequence[object] = ()
@@ -127,7 +172,7 @@ class Batch:
         failed: list[Row] = []
         for row in rows:
             if row[1] == "ok" and row[8] is None:
-                ok += (row[0], *row[2:8], row[9])
+                ok += (row[0], *row[2:8], row[9], row[10] or 0)
             else:
                 failed.append(row)
         return cls(ok, failed)
@@ -135,7 +180,8 @@ class Batch:
     def rows(self) -> list[Row]:
         """Return the batch as full rows: the processed invoices, then the failed ones."""
         ok = self.ok
-        processed = [(ok[i], "ok", *ok[i + 1:i + 7], None, ok[i + 7]) for i in range(0, len(ok), OK_WIDTH)]
+        processed = [(ok[i], "ok", *ok[i + 1:i + 7], None, ok[i + 7], ok[i + 8] or None)
+                     for i in range(0, len(ok), OK_WIDTH)]
         return [*cast("list[Row]", processed), *self.failed]
 
     def __len__(self) -> int:
@@ -319,10 +365,17 @@ class Storage:
                 version = cursor.execute("PRAGMA user_version").fetchone()[0]
                 had_invoices = cursor.execute(
                     "SELECT 1 FROM sqlite_master WHERE name = 'invoices'").fetchone() is not None
-                for statement in SCHEMA:
+                if version > SCHEMA_VERSION:
+                    raise StorageError(f"database {self.path} has schema version {version}, newer than "
+                                       f"this invoicer's {SCHEMA_VERSION}; upgrade invoicer")
+                for statement in TABLES:
                     cursor.execute(statement)
                 if had_invoices and version < 2:
                     _migrate_runs(cursor)
+                if had_invoices and version < 3:
+                    _migrate_orders(cursor)
+                for statement in INDEXES:
+                    cursor.execute(statement)
                 cursor.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except StorageError:
             self.close()
@@ -456,9 +509,80 @@ class Storage:
         return last - count + 1, last
 
     def release(self, last_issued: int) -> None:
-        """Lower the high-water mark to ``last_issued``, giving back reserved numbers never handed out."""
-        self._write(lambda cursor: cursor.execute(LOWER_HIGH_WATER, (last_issued, last_issued)),
-                    "releasing unused invoice numbers")
+        """Lower the high-water mark to ``last_issued``, giving back reserved numbers never handed out.
+
+        Orders claimed with those numbers wait again, for the next claim.
+        """
+        def release(cursor: sqlite3.Cursor) -> None:
+            cursor.execute(LOWER_HIGH_WATER, (last_issued, last_issued))
+            cursor.execute(UNPAIR_ABOVE, (last_issued,))
+        self._write(release, "releasing unused invoice numbers")
+
+    # -- orders -------------------------------------------------------------------------------------------
+
+    def waiting_orders(self, limit: int, max_bytes: int) -> list[tuple[int, str | None, int]]:
+        """Return (id, payload, bytes) of up to ``limit`` waiting orders, oldest first (None: too big)."""
+        with self._lock:
+            if self._connection is None:
+                raise StorageError(f"database {self.path} is not open")
+            try:
+                return self._connection.execute(SELECT_WAITING, (max_bytes, limit)).fetchall()
+            except sqlite3.Error as exc:
+                raise describe_error(self.path, exc, "reading waiting orders") from exc
+
+    def claim_orders(self, order_ids: Sequence[int],
+                     rejected: Sequence[tuple[int, str]]) -> tuple[int, int]:
+        """Pair ``order_ids`` with the next numbers and mark ``rejected`` (id, reason), in one transaction.
+
+        Returns the first and last number (last < first when none was paired). Raises StorageError if
+        an order changed meanwhile (paired, rejected or deleted by another program).
+        """
+        count = len(order_ids)
+
+        def claim(cursor: sqlite3.Cursor) -> int:
+            for order_id, reason in rejected:
+                cursor.execute(REJECT_ORDER, (reason, order_id))
+            if not count:
+                return int(cursor.execute(SELECT_MARKS).fetchone()[0])
+            last = int(cursor.execute(RAISE_HIGH_WATER, (count,)).fetchone()[0])
+            cursor.execute(PAIR_ORDERS, (last - count + 1, json.dumps(list(order_ids))))
+            if cursor.rowcount != count:
+                raise StorageError(f"database {self.path}: {count - cursor.rowcount} of {count} orders "
+                                   "changed while being claimed; is another program pairing orders?")
+            return last
+        last: int = self._write(claim, "claiming orders")
+        return last - count + 1, last
+
+    def paired_orders(self, first: int, last: int) -> list[tuple[int, int, str]]:
+        """Return (number, order id, payload) of the orders paired with numbers ``first..last``."""
+        with self._lock:
+            if self._connection is None:
+                raise StorageError(f"database {self.path} is not open")
+            try:
+                return self._connection.execute(SELECT_PAIRED, (first, last)).fetchall()
+            except sqlite3.Error as exc:
+                raise describe_error(self.path, exc, "reading orders to recover") from exc
+
+    def order_of(self, number: int) -> tuple[int, str] | None:
+        """(order id, payload) of the order paired with invoice ``number``, or None (a demo invoice)."""
+        with self._lock:
+            if self._connection is None:
+                raise StorageError(f"database {self.path} is not open")
+            try:
+                found = self._connection.execute(SELECT_ORDER_OF, (number,)).fetchone()
+                return cast("tuple[int, str] | None", found)
+            except sqlite3.Error as exc:
+                raise describe_error(self.path, exc, "reading an order") from exc
+
+    def rejected_orders(self) -> list[tuple[int, str, str]]:
+        """(id, submitted_at, reason) of the orders rejected before numbering, by id."""
+        with self._lock:
+            if self._connection is None:
+                raise StorageError(f"database {self.path} is not open")
+            try:
+                return self._connection.execute(SELECT_REJECTED).fetchall()
+            except sqlite3.Error as exc:
+                raise describe_error(self.path, exc, "reading rejected orders") from exc
 
     def failed(self, ids: Sequence[int] = ()) -> list[tuple[int, int, str]]:
         """(id, attempts, error) of the invoices stored as failed (only ``ids``, if given), by number."""
@@ -526,6 +650,59 @@ def _migrate_runs(cursor: sqlite3.Cursor) -> None:
     if "stored_runs" not in {row[1] for row in cursor.execute("PRAGMA table_info(sequence)")}:
         cursor.execute(ADD_RUNS_COLUMN)
     cursor.execute(ADVANCE_STORED_THROUGH, (stored_through, format_runs(runs)))
+
+
+def _migrate_orders(cursor: sqlite3.Cursor) -> None:
+    """Migrate schema 2 to 3: invoices get their order_id column (the orders table is created anew)."""
+    if "order_id" not in {row[1] for row in cursor.execute("PRAGMA table_info(invoices)")}:
+        cursor.execute(ADD_ORDER_COLUMN)
+
+
+def submit_orders(path: Path, payloads: Sequence[str]) -> tuple[int, int]:
+    """Insert ``payloads`` into the orders table of ``path`` in one transaction; return the first and last id.
+
+    Beside a running daemon (no instance lock, no schema change): SQLite's busy timeout waits out the
+    daemon's short transactions.
+    """
+    if _schema_version(path) < SCHEMA_VERSION:
+        # A new database (the quick start submits before the first run), or one from before orders:
+        # create or upgrade the schema as the daemon would. A running daemon has done it already.
+        storage = Storage(path)
+        storage.open()
+        storage.close()
+    try:
+        connection = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise describe_error(path, exc, "submitting orders") from exc
+    try:
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            connection.executemany(INSERT_ORDER, ((payload,) for payload in payloads))
+            last = connection.execute("SELECT last_insert_rowid()").fetchone()[0]
+            connection.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                connection.execute("ROLLBACK")
+            raise
+    except sqlite3.Error as exc:
+        raise describe_error(path, exc, "submitting orders") from exc
+    finally:
+        connection.close()
+    return last - len(payloads) + 1, last
+
+
+def _schema_version(path: Path) -> int:
+    """Return the database's schema version (0 for a file that does not exist yet)."""
+    if not path.exists():
+        return 0
+    try:
+        connection = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
+        try:
+            return int(connection.execute("PRAGMA user_version").fetchone()[0])
+        finally:
+            connection.close()
+    except sqlite3.Error as exc:
+        raise describe_error(path, exc) from exc
 
 
 def _insert(cursor: sqlite3.Cursor, select: str, width: int, values: Sequence[object], most: int) -> None:

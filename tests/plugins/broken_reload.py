@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 
 from invoicer.daemon import Daemon
-from invoicer.processing import Invoice, build_invoice
+from invoicer.processing import Invoice, InvoiceRequest, build_invoice
 
 _never = threading.Event()
 
@@ -22,8 +22,9 @@ def _broken_reload(self: Daemon) -> None:
 Daemon._reload = _broken_reload  # type: ignore[method-assign]
 
 
-def process(invoice_id: int) -> Invoice:
+def process(request: InvoiceRequest) -> Invoice:
     """Hang forever on every tenth number; build the others."""
+    invoice_id = request.number
     if invoice_id % 10 == 0:
         _never.wait()
-    return build_invoice(invoice_id)
+    return build_invoice(invoice_id, request.order)

@@ -9,7 +9,7 @@ import os
 import time
 from typing import Any
 
-from invoicer.processing import Invoice, build_invoice
+from invoicer.processing import Invoice, InvoiceRequest, build_invoice
 from invoicer.storage import Storage, StorageError
 
 _save_batch = Storage.save_batch
@@ -24,7 +24,8 @@ def _failing_save_batch(self: Storage, *args: Any, **kwargs: Any) -> None:
 Storage.save_batch = _failing_save_batch  # type: ignore[method-assign]
 
 
-def process(invoice_id: int) -> Invoice:
+def process(request: InvoiceRequest) -> Invoice:
     """Wait $PROCESSING_S seconds (so a drain lasts a while), then build the sample invoice."""
+    invoice_id = request.number
     time.sleep(float(os.environ.get("PROCESSING_S", "0.05")))
-    return build_invoice(invoice_id)
+    return build_invoice(invoice_id, request.order)

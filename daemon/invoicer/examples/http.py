@@ -1,9 +1,9 @@
 """An example processor that posts each invoice to an HTTP service (a tax authority API, an ERP).
 
-``INVOICER_PROCESSOR=invoicer.examples.http:process`` builds the invoice as the built-in processor does
-(:func:`invoicer.processing.build_invoice`), POSTs its JSON document to ``INVOICER_HTTP_URL`` and returns
-the invoice once the service answered 2xx. Settings, read once when the module is imported (a bad value
-raises ``ValueError`` naming the variable, which the daemon reports as a configuration error, exit 78):
+``INVOICER_PROCESSOR=invoicer.examples.http:process`` builds the invoice of the order it receives as the
+built-in processor does (:func:`invoicer.processing.build_invoice`), POSTs its JSON document to
+``INVOICER_HTTP_URL`` and returns the invoice once the service answered 2xx. Settings, read once when
+the module is imported (a bad value raises ``ValueError`` naming the variable, which the daemon reports as a configuration error, exit 78):
 
 - ``INVOICER_HTTP_URL``: ``http://`` or ``https://`` URL with a host, required;
 - ``INVOICER_HTTP_TIMEOUT``: seconds a request may wait to connect, and then for each read of the
@@ -47,7 +47,8 @@ import urllib.parse
 from collections.abc import Callable, Mapping
 
 from invoicer import __version__
-from invoicer.processing import Invoice, ServiceUnavailableError, build_invoice
+from invoicer.orders import check_order
+from invoicer.processing import Invoice, InvoiceRequest, ServiceUnavailableError, build_invoice
 
 log = logging.getLogger("invoicer.examples.http")
 
@@ -244,8 +245,12 @@ def _one_line(text: str) -> str:
 _poster = InvoicePoster(settings_from_env(os.environ))
 
 
-def process(invoice_id: int) -> Invoice:
-    """Build the invoice for ``invoice_id`` and post it to INVOICER_HTTP_URL; return it once accepted."""
-    invoice = build_invoice(invoice_id)
+def process(request: InvoiceRequest) -> Invoice:
+    """Build the invoice for the request's order and post it to INVOICER_HTTP_URL; return it once accepted."""
+    invoice_id = request.number
+    invoice = build_invoice(invoice_id, request.order)
     _poster.post(invoice)
     return invoice
+
+
+process.check_order = check_order  # type: ignore[attr-defined]  # it takes the built-in order format

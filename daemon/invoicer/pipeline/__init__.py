@@ -16,7 +16,8 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
-from invoicer.processing import Invoice
+from invoicer.intake import weight_of
+from invoicer.processing import Invoice, InvoiceRequest
 from invoicer.storage import Batch, OkValues, Row
 from invoicer.workqueue import Chunk
 
@@ -66,12 +67,20 @@ class Part:
     numbers: Chunk
     batch: Batch
 
+    @property
+    def weight(self) -> int:
+        """Payload bytes its orders hold in the byte budget (0 for demo numbers)."""
+        return weight_of(self.numbers)
+
 
 WAKE_UP = Part(range(0), Batch())  # the empty part StorageWriter.stop() sends
 
 
-def invoice_values(invoice_id: int, invoice: Any, attempts: int) -> OkValues:
-    """Check what a processor returned; return its OK_WIDTH stored values. ValueError if it is unusable."""
+def invoice_values(invoice_id: int, invoice: Any, attempts: int, order_id: int = 0) -> OkValues:
+    """Check what a processor returned; return its OK_WIDTH stored values. ValueError if it is unusable.
+
+    ``order_id`` is the order's id, 0 for a demo invoice (stored as NULL).
+    """
     if not isinstance(invoice, Invoice):
         raise ValueError(f"processor returned {type(invoice).__name__}, expected Invoice")
     customer, currency, document = invoice.customer, invoice.currency, invoice.document
@@ -81,14 +90,14 @@ def invoice_values(invoice_id: int, invoice: Any, attempts: int) -> OkValues:
             and type(document) is str and type(subtotal) is Decimal and type(tax) is Decimal
             and type(total) is Decimal):
         _explain_bad_invoice(invoice_id, invoice)
-    return invoice_id, customer, currency, str(subtotal), str(tax), str(total), document, attempts
+    return invoice_id, customer, currency, str(subtotal), str(tax), str(total), document, attempts, order_id
 
 
-def invoice_row(invoice_id: int, invoice: Any, attempts: int) -> Row:
+def invoice_row(invoice_id: int, invoice: Any, attempts: int, order_id: int | None = None) -> Row:
     """Check what a processor returned and turn it into a table row; ValueError if it is not usable."""
-    number, customer, currency, subtotal, tax, total, document, _ = invoice_values(
+    number, customer, currency, subtotal, tax, total, document, _, _ = invoice_values(
         invoice_id, invoice, attempts)
-    return number, "ok", customer, currency, subtotal, tax, total, document, None, attempts
+    return number, "ok", customer, currency, subtotal, tax, total, document, None, attempts, order_id
 
 
 def _explain_bad_invoice(invoice_id: int, invoice: Invoice) -> None:
@@ -102,26 +111,28 @@ def _explain_bad_invoice(invoice_id: int, invoice: Invoice) -> None:
             raise ValueError(f"processor returned an Invoice whose {name} is not a Decimal")
 
 
-def failed_row(invoice_id: int, exc: BaseException, attempts: int) -> Row:
+def failed_row(invoice_id: int, exc: BaseException, attempts: int, order_id: int | None = None) -> Row:
     """Build the row that records an invoice which kept failing, so the numbering stays gap-free."""
     return (invoice_id, "failed", None, None, None, None, None, None,
-            f"{type(exc).__name__}: {exc}"[:2000], attempts)
+            f"{type(exc).__name__}: {exc}"[:2000], attempts, order_id or None)
 
 
-def process_with_retries(processor: Callable[[int], Any], invoice_id: int, worker: int | str) -> Row:
+def process_with_retries(processor: Callable[[InvoiceRequest], Any], request: InvoiceRequest,
+                         worker: int | str) -> Row:
     """Call the processor, retrying with backoff; an invoice that keeps failing becomes a failed row.
 
     For ``invoicer retry``, one invoice at a time with the daemon stopped; the daemon's consumers have
     their own loop, which also watches for outages and deadlines.
     """
     attempt = 1
+    invoice_id = request.number
     while True:
         try:
-            return invoice_row(invoice_id, processor(invoice_id), attempt)
+            return invoice_row(invoice_id, processor(request), attempt, request.order_id)
         except Exception as exc:  # one bad invoice never kills the pool
             backoff = retry_backoff(invoice_id, exc, attempt, worker)
             if backoff is None:
-                return failed_row(invoice_id, exc, attempt)
+                return failed_row(invoice_id, exc, attempt, request.order_id)
         time.sleep(backoff)
         attempt += 1
 

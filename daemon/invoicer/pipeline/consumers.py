@@ -20,6 +20,7 @@ from typing import Any
 
 from invoicer.config import MAX_WORKERS
 from invoicer.gate import ConcurrencyGate
+from invoicer.intake import OrderChunk
 from invoicer.outage import MAX_PROBES, OutageBreaker
 from invoicer.pipeline import (
     CPU_SAMPLE_EVERY,
@@ -30,6 +31,7 @@ from invoicer.pipeline import (
     invoice_values,
     retry_backoff,
 )
+from invoicer.processing import InvoiceRequest, demo_request
 from invoicer.storage import Batch, Row
 from invoicer.workqueue import Chunk, WorkQueue
 
@@ -46,6 +48,13 @@ GOES_ROUND = "goes round"  # an outage outlasted its probes: back to the queue, 
 
 class InvoiceTimeoutError(TimeoutError):
     """A processor call ran past its deadline and was given up."""
+
+
+def request_at(chunk: Chunk, index: int) -> InvoiceRequest:
+    """Return the request for a chunk's ``index``: its order's, or the demo source's for a bare number."""
+    if type(chunk) is OrderChunk:
+        return chunk.requests[index]
+    return demo_request(chunk[index])
 
 
 class _Slot:
@@ -79,7 +88,7 @@ class _Slot:
 class ConsumerPool:
     """``workers`` consumers in a ThreadPoolExecutor: process each number, hand rows to the writer."""
 
-    def __init__(self, processor: Callable[[int], Any], work: WorkQueue,
+    def __init__(self, processor: Callable[[InvoiceRequest], Any], work: WorkQueue,
                  results: queue.Queue[Part], workers: int, on_fatal: FatalHandler,
                  *, timeout: float = 60.0, breaker: OutageBreaker | None = None,
                  cpu: int | None = None) -> None:
@@ -228,8 +237,8 @@ class ConsumerPool:
         else:
             error = InvoiceTimeoutError(f"processor call did not return within {self._timeout:g}s "
                                         f"(running for {now - started:.1f}s); given up")
-            self._hand(Part(chunk[start:index + 1],
-                            Batch(slot.ok, [*slot.failed, failed_row(number, error, slot.attempt)])))
+            row = failed_row(number, error, slot.attempt, request_at(chunk, index).order_id)
+            self._hand(Part(chunk[start:index + 1], Batch(slot.ok, [*slot.failed, row])))
             if index + 1 < len(chunk):
                 self._work.put_front(chunk[index + 1:])
             self.breaker.finished(number)
@@ -320,9 +329,10 @@ class ConsumerPool:
         """Process every number of ``chunk``, handing rows over as they age; False if given up."""
         slot.chunk, slot.start, slot.ok, slot.failed = chunk, 0, [], []
         handed_at = time.monotonic()
+        requests = chunk.requests if type(chunk) is OrderChunk else None
         for index in range(len(chunk)):
             slot.index = index
-            outcome = self._invoice(chunk[index], slot)
+            outcome = self._invoice(requests[index] if requests else demo_request(chunk[index]), slot)
             if outcome is GIVEN_UP:
                 return False
             if outcome is GOES_ROUND:  # an outage outlasted this invoice's probes: let others probe
@@ -343,9 +353,11 @@ class ConsumerPool:
         if part.numbers:
             self._results.put(part)
 
-    def _invoice(self, number: int, slot: _Slot) -> str:
+    def _invoice(self, request: InvoiceRequest, slot: _Slot) -> str:
         """Process one invoice into the slot's results: DONE, GIVEN_UP (by the reaper) or GOES_ROUND."""
         breaker = self.breaker
+        number = request.number
+        order_id = request.order_id or 0
         attempt = 1
         probes = 0
         while True:
@@ -353,7 +365,7 @@ class ConsumerPool:
             slot.attempt = attempt
             slot.call_started = started = time.monotonic()
             try:
-                values = invoice_values(number, self._processor(number), attempt)
+                values = invoice_values(number, self._processor(request), attempt, order_id)
             except Exception as exc:  # one bad invoice never kills the pool
                 error = exc
             else:
@@ -381,7 +393,7 @@ class ConsumerPool:
             if backoff is None:
                 breaker.finished(number)
                 with slot.lock:
-                    slot.failed.append(failed_row(number, error, attempt))
+                    slot.failed.append(failed_row(number, error, attempt, order_id))
                 return DONE
             self._pause(backoff)
             attempt += 1

@@ -1,43 +1,66 @@
-"""Producer: one thread putting invoice numbers on the bounded work queue, recovered ones first."""
+"""Producer: one thread putting work on the bounded work queue, recovered numbers first."""
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
-from invoicer.generator import InvoiceNumberGenerator
+from invoicer.intake import IDLE_POLL_S
 from invoicer.outage import OutageBreaker
-from invoicer.pipeline import POLL_S, FatalHandler
+from invoicer.pipeline import POLL_S, FatalHandler, Part
 from invoicer.workqueue import Chunk, WorkQueue
 
 
-class Producer:
-    """One thread: recovered numbers first, then new ones, onto the bounded work queue (back-pressure).
+class Source(Protocol):
+    """Where the producer takes work from (invoicer.intake: OrderSource, DemoSource)."""
 
-    While the processor's service is down (``breaker.paused``) it takes no new numbers.
+    idle: bool
+
+    def take(self, limit: int) -> Chunk | None: ...
+    def give_back(self, chunk: Any) -> None: ...
+    def recover(self, numbers: range) -> Sequence[Chunk | Part]: ...
+    def admit(self, chunk: object, timeout: float) -> bool: ...
+    @property
+    def last_issued(self) -> int: ...
+
+
+class Producer:
+    """One thread: recovered numbers first, then new work, onto the bounded work queue (back-pressure).
+
+    While the processor's service is down (``breaker.paused``) it takes no new work. With no order
+    waiting it looks again every IDLE_POLL_S (``idle``).
     """
 
-    def __init__(self, generator: InvoiceNumberGenerator, work: WorkQueue, recovered: Sequence[Chunk],
-                 chunk: Callable[[], int], on_fatal: FatalHandler, *, breaker: OutageBreaker) -> None:
-        self._generator = generator
+    def __init__(self, source: Source, work: WorkQueue, recovered: Sequence[range],
+                 chunk: Callable[[], int], on_fatal: FatalHandler, *, breaker: OutageBreaker,
+                 results: queue.Queue[Part] | None = None) -> None:
+        self._source = source
         self._work = work
         self._recovered = recovered
         self._chunk = chunk  # asked before each chunk: the size follows the measured invoice time
         self._on_fatal = on_fatal
         self._breaker = breaker
+        self._results = results  # recovered orders that no longer pass their check go straight here
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="invoicer-producer", daemon=True)
         # Written by the producer thread only; others just read them.
-        self.queued_total = 0    # numbers put on the queue
-        self.busy_since = 0.0    # monotonic time the current take of numbers began (0: not taking)
+        self.queued_total = 0    # numbers handed to the pipeline
+        self.busy_since = 0.0    # monotonic time the current take of work began (0: not taking)
+
+    @property
+    def idle(self) -> bool:
+        """No order was waiting at the last look."""
+        return self._source.idle
 
     def start(self) -> None:
         """Start producing."""
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop taking new numbers; a chunk it could not queue is given back, never dropped.
+        """Stop taking new work; a chunk it could not queue is given back, never dropped.
 
         The recovered backlog (what was in flight at the last stop) is still queued, so a clean stop
         owes nothing.
@@ -54,21 +77,38 @@ class Producer:
             for missing in self._recovered:
                 position = 0
                 while position < len(missing):
-                    chunk = missing[position:position + self._chunk()]
-                    self._put(chunk, until_stopped=False)
-                    position += len(chunk)
+                    numbers = missing[position:position + self._chunk()]
+                    self.busy_since = time.monotonic()
+                    work = self._source.recover(numbers)
+                    self.busy_since = 0.0
+                    for item in work:
+                        self._recover(item)
+                    position += len(numbers)
             while not self._stop.is_set():
                 if self._breaker.paused:
                     self._breaker.wait_resumed(POLL_S)
                     continue
-                self.busy_since = time.monotonic()  # a reservation can stall on the disk
-                numbers = self._generator.take(self._chunk())
+                self.busy_since = time.monotonic()  # a claim or a reservation can stall on the disk
+                chunk = self._source.take(self._chunk())
                 self.busy_since = 0.0
-                if not self._put(numbers):
-                    self._generator.give_back(numbers)
+                if chunk is None:  # no order waiting, or the byte budget is spent: look again soon
+                    self._stop.wait(IDLE_POLL_S)
+                    continue
+                if not self._put(chunk):
+                    self._source.give_back(chunk)
                     return
         except BaseException as exc:  # a broken producer must end the process loudly
             self._on_fatal("producer", exc)
+
+    def _recover(self, item: Chunk | Part) -> None:
+        if isinstance(item, Part):  # failed rows: straight to the writer
+            assert self._results is not None
+            self._results.put(item)
+            self.queued_total += len(item.numbers)
+            return
+        while not self._source.admit(item, POLL_S):
+            pass
+        self._put(item, until_stopped=False)
 
     def _put(self, chunk: Chunk, *, until_stopped: bool = True) -> bool:
         while not self._work.put(chunk, timeout=POLL_S):

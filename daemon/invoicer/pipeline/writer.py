@@ -7,6 +7,7 @@ import queue
 import threading
 import time
 
+from invoicer.intake import ByteBudget, OrderChunk
 from invoicer.pipeline import POLL_S, WAKE_UP, WRITER_BATCH, FatalHandler, Part
 from invoicer.storage import Batch, RecoveryPlan, Row, Run, Storage
 from invoicer.workqueue import Chunk
@@ -48,6 +49,8 @@ class StoredRuns:
         """Record a part's numbers: one run for a range, else one per stretch of consecutive numbers."""
         if not numbers:
             return
+        if type(numbers) is OrderChunk:
+            numbers = numbers.numbers
         if isinstance(numbers, range) and numbers.step == 1:
             self.add(numbers.start, numbers.stop - 1)
             return
@@ -76,8 +79,10 @@ class StorageWriter:
     """
 
     def __init__(self, storage: Storage, results: queue.Queue[Part], plan: RecoveryPlan,
-                 on_fatal: FatalHandler, batch_size: int = WRITER_BATCH) -> None:
+                 on_fatal: FatalHandler, batch_size: int = WRITER_BATCH, *,
+                 budget: ByteBudget | None = None) -> None:
         self._storage = storage
+        self._budget = budget  # given back the payload bytes of what it committed
         self._results = results
         self._on_fatal = on_fatal
         self._batch_size = batch_size
@@ -140,13 +145,18 @@ class StorageWriter:
         stored = StoredRuns(self._stored.through, self._stored.runs())  # moves on only after the commit
         ok: list[object] = []
         failed: list[Row] = []
+        weight = 0
         for part in parts:
             stored.add_numbers(part.numbers)
             ok += part.batch.ok
             failed += part.batch.failed
+            if type(part.numbers) is OrderChunk:
+                weight += part.numbers.weight
         batch = Batch(ok, failed)
         self.busy_since = time.monotonic()
         self._storage.save_batch(batch, stored.through, stored.runs())
         self.busy_since = 0.0
         self._stored = stored
         self.committed_total += len(batch)
+        if weight and self._budget is not None:
+            self._budget.give_back(weight)

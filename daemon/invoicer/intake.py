@@ -1,0 +1,308 @@
+"""Where the work comes from: submitted orders (the default) or synthetic demo orders.
+
+A *source* hands the producer chunks of consecutive invoice numbers, each paired with what the processor
+will receive, and finds the requests for the numbers start-up must recover:
+
+* :class:`OrderSource` (``INVOICER_SOURCE=orders``) claims waiting rows of the ``orders`` table. A claim
+  is one transaction that raises the high-water mark and pairs each valid order with its number, so the
+  pairing is durable before any processor sees the order; orders that fail the processor's check are
+  marked ``rejected`` in the same transaction and take no number.
+* :class:`DemoSource` (``INVOICER_SOURCE=demo``) takes numbers from the generator and makes a synthetic
+  order from each (:func:`invoicer.orders.demo_order`): for demos and benchmarks.
+
+Orders vary in size, so the work in flight is bounded in bytes as well as in count: a claim takes payload
+bytes from a :class:`ByteBudget` that the writer gives back once their invoices are committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, overload
+
+from invoicer.generator import InvoiceNumberGenerator
+from invoicer.orders import InvalidOrder
+from invoicer.processing import InvoiceRequest
+from invoicer.storage import Batch, Row, Storage
+
+log = logging.getLogger("invoicer")
+
+MIN_CLAIM = 64          # orders per claim, at first and at least
+MAX_CLAIM = 8192        # ... and at most: the claim's transaction and its parsed orders stay small
+CLAIM_SECONDS = 0.5     # claims grow while one lasts less than this, so a backlog costs few fsyncs
+IDLE_POLL_S = 0.025     # how often an idle daemon looks for new orders: the latency floor at idle
+
+
+class OrderChunk(Sequence[int]):
+    """Consecutive invoice numbers with their requests: a work-queue chunk of the orders source.
+
+    Indexing gives the number (as a ``range`` chunk does), slicing another OrderChunk; ``weight`` is the
+    payload bytes it holds in the :class:`ByteBudget`.
+    """
+
+    __slots__ = ("numbers", "requests", "sizes")
+
+    def __init__(self, numbers: range, requests: Sequence[InvoiceRequest], sizes: Sequence[int]) -> None:
+        self.numbers = numbers
+        self.requests = requests
+        self.sizes = sizes
+
+    def __len__(self) -> int:
+        return len(self.numbers)
+
+    @overload
+    def __getitem__(self, index: int) -> int: ...
+    @overload
+    def __getitem__(self, index: slice) -> OrderChunk: ...
+
+    def __getitem__(self, index: int | slice) -> int | OrderChunk:
+        if isinstance(index, slice):
+            return OrderChunk(self.numbers[index], self.requests[index], self.sizes[index])
+        return self.numbers[index]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.numbers)
+
+    @property
+    def weight(self) -> int:
+        """Payload bytes these requests hold in the budget."""
+        return sum(self.sizes)
+
+    def __repr__(self) -> str:
+        return f"OrderChunk({self.numbers.start}..{self.numbers.stop - 1})"
+
+
+def weight_of(numbers: object) -> int:
+    """Budget bytes a part's numbers hold (0 for the demo source's ranges)."""
+    return numbers.weight if type(numbers) is OrderChunk else 0
+
+
+class ByteBudget:
+    """Bytes of order payloads in flight, from claim to commit, at most ``capacity``.
+
+    When nothing is in flight any amount is admitted, so an order larger than the budget still goes
+    through, alone.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        # Rule: _changed's lock guards used; the producer takes, the writer gives back.
+        self._changed = threading.Condition(threading.Lock())
+        self.used = 0
+
+    def room(self) -> int:
+        """Bytes that may be taken now (the whole capacity while nothing is in flight)."""
+        with self._changed:
+            return self.capacity if self.used == 0 else self.capacity - self.used
+
+    def take(self, size: int) -> None:
+        """Take ``size`` bytes (the caller checked the room; only the producer takes)."""
+        with self._changed:
+            self.used += size
+
+    def wait_room(self, size: int, timeout: float) -> bool:
+        """Wait until ``size`` bytes may be taken; True if they may, False once ``timeout`` passed."""
+        with self._changed:
+            return self._changed.wait_for(
+                lambda: self.used == 0 or self.used + size <= self.capacity, timeout)
+
+    def give_back(self, size: int) -> None:
+        """Give back ``size`` bytes once their invoices are committed."""
+        if size:
+            with self._changed:
+                self.used -= size
+                self._changed.notify_all()
+
+
+# What recovery yields: a chunk to queue, or a Part of failed rows to hand the writer straight away.
+Recovered = Any
+
+
+class DemoSource:
+    """Numbers from the generator, each with its synthetic demo order (made by the consumer)."""
+
+    idle = False
+
+    def __init__(self, generator: InvoiceNumberGenerator) -> None:
+        self._generator = generator
+
+    def take(self, limit: int) -> range:
+        """Hand out up to ``limit`` new numbers."""
+        return self._generator.take(limit)
+
+    def give_back(self, chunk: Any) -> None:
+        """Return the chunk last taken, unused."""
+        self._generator.give_back(chunk)
+
+    def recover(self, numbers: range) -> list[Recovered]:
+        """Return the work for recovered ``numbers``: the numbers themselves."""
+        return [numbers]
+
+    def admit(self, chunk: object, timeout: float) -> bool:
+        """Demo chunks hold no payload bytes."""
+        return True
+
+    @property
+    def last_issued(self) -> int:
+        """The highest number handed out."""
+        return self._generator.last_issued
+
+
+class OrderSource:
+    """Claims waiting orders, pairing each valid one with the next number in one durable transaction.
+
+    Numbers follow submission order (``orders.id``). A claimed block waits here until the producer queues
+    it; what is left at a stop is given back by ``Storage.release`` (its orders wait again).
+    """
+
+    idle = False
+
+    def __init__(self, storage: Storage, high_water: int, budget: ByteBudget,
+                 check: Callable[..., dict[str, Any]], *, max_order_bytes: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._storage = storage
+        self._budget = budget
+        self._check = check
+        self._max_bytes = max_order_bytes
+        self._clock = clock
+        self._block = MIN_CLAIM
+        self._claimed_at: float | None = None
+        # Written by the producer thread only.
+        self._claimed: OrderChunk | None = None  # claimed, not yet handed out
+        self._reserved_last = high_water
+        self._last_issued = high_water
+        self.idle = False           # the last look found no order waiting
+        self.claimed_total = 0
+        self.rejected_total = 0
+
+    @property
+    def last_issued(self) -> int:
+        """The highest number handed out (what a stop keeps; the rest of the claim is given back)."""
+        return self._last_issued
+
+    def take(self, limit: int) -> OrderChunk | None:
+        """Hand out up to ``limit`` paired orders; None if none is waiting or the byte budget is spent."""
+        claimed = self._claimed
+        if claimed is None or not len(claimed):
+            claimed = self._claim()
+            if claimed is None:
+                return None
+        chunk, self._claimed = claimed[:limit], claimed[limit:]
+        self._last_issued = chunk.numbers[-1]
+        return chunk
+
+    def give_back(self, chunk: OrderChunk) -> None:
+        """Return the chunk last taken: it goes back in front of the rest of the claim."""
+        rest = self._claimed
+        if rest is not None and len(rest):
+            chunk = OrderChunk(range(chunk.numbers.start, rest.numbers.stop),
+                               [*chunk.requests, *rest.requests], [*chunk.sizes, *rest.sizes])
+        self._claimed = chunk
+        self._last_issued = chunk.numbers.start - 1
+
+    def _claim(self) -> OrderChunk | None:
+        """Claim the next waiting orders (as many as the block and the byte budget allow)."""
+        room = self._budget.room()
+        if room <= 0:
+            self._budget.wait_room(1, IDLE_POLL_S)
+            return None
+        self._adapt_block()
+        waiting = self._storage.waiting_orders(self._block, self._max_bytes)
+        if not waiting:
+            self.idle = True
+            return None
+        self.idle = False
+        valid: list[tuple[int, dict[str, Any], int]] = []
+        rejected: list[tuple[int, str]] = []
+        taken = 0
+        for order_id, payload, size in waiting:
+            if valid and taken + size > room:
+                break  # the rest waits for room; never a claim of nothing while the budget is empty
+            if payload is None:
+                rejected.append((order_id, f"order is {size:,} bytes, over the limit of "
+                                           f"{self._max_bytes:,} bytes"))
+                continue
+            try:
+                valid.append((order_id, self._check(payload, max_bytes=self._max_bytes), size))
+            except InvalidOrder as exc:
+                rejected.append((order_id, str(exc)))
+                continue
+            taken += size
+        first, last = self._storage.claim_orders([order_id for order_id, _, _ in valid], rejected)
+        for order_id, reason in rejected:
+            log.warning("order %d rejected before numbering: %s", order_id, reason,
+                        extra={"order": order_id, "reason": reason})
+        self.rejected_total += len(rejected)
+        if not valid:
+            return None
+        if first != self._reserved_last + 1:
+            raise RuntimeError(f"claimed numbers {first}..{last} do not follow {self._reserved_last}; "
+                               "is another writer using the database?")
+        self._reserved_last = last
+        self._budget.take(taken)
+        self.claimed_total += len(valid)
+        numbers = range(first, last + 1)
+        return OrderChunk(numbers, [InvoiceRequest(number, order_id, order)
+                                    for number, (order_id, order, _) in zip(numbers, valid, strict=True)],
+                          [size for _, _, size in valid])
+
+    def _adapt_block(self) -> None:
+        now = self._clock()
+        if self._claimed_at is not None:
+            lasted = now - self._claimed_at
+            if lasted < CLAIM_SECONDS:
+                self._block = min(MAX_CLAIM, self._block * 2)
+            elif lasted > 4 * CLAIM_SECONDS:
+                self._block = max(MIN_CLAIM, self._block // 2)
+        self._claimed_at = now
+
+    def recover(self, numbers: range) -> list[Recovered]:
+        """Return the work for recovered ``numbers``: their paired orders, read again.
+
+        A number with no order came from the demo source and gets its demo order; an order that no
+        longer passes the check (edited by hand) is stored as failed with the reason, keeping its number.
+        """
+        from invoicer.pipeline import Part, failed_row  # noqa: PLC0415  # the pipeline imports this module
+        from invoicer.processing import demo_request  # noqa: PLC0415
+
+        paired: dict[int, tuple[int | None, str | None]] = {
+            number: (order_id, payload) for number, order_id, payload
+                  in self._storage.paired_orders(numbers.start, numbers[-1])}
+        requests: list[InvoiceRequest] = []
+        sizes: list[int] = []
+        out: list[Recovered] = []
+        start = numbers.start
+        for number in numbers:
+            order_id, payload = paired.get(number, (None, None))
+            if order_id is None or payload is None:
+                requests.append(demo_request(number))
+                sizes.append(0)
+                continue
+            size = len(payload.encode("utf-8", "surrogatepass"))
+            try:
+                order = self._check(payload, max_bytes=max(self._max_bytes, size))
+            except InvalidOrder as exc:
+                if requests:
+                    out.append(OrderChunk(range(start, number), requests, sizes))
+                row: Row = failed_row(number, InvalidOrder(f"order {order_id} no longer valid: {exc}"), 0,
+                                      order_id)
+                out.append(Part(range(number, number + 1), Batch(failed=[row])))
+                requests, sizes, start = [], [], number + 1
+                continue
+            requests.append(InvoiceRequest(number, order_id, order))
+            sizes.append(size)
+        if requests:
+            out.append(OrderChunk(range(start, numbers.stop), requests, sizes))
+        return out
+
+    def admit(self, chunk: object, timeout: float) -> bool:
+        """Take a recovered chunk's bytes from the budget once there is room; False if ``timeout`` passed."""
+        weight = weight_of(chunk)
+        if not weight:
+            return True
+        if not self._budget.wait_room(weight, timeout):
+            return False
+        self._budget.take(weight)
+        return True
