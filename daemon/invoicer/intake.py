@@ -217,9 +217,10 @@ class OrderSource:
         valid: list[tuple[int, dict[str, Any], int]] = []
         rejected: list[tuple[int, str]] = []
         taken = 0
+        alone = self._budget.used == 0  # then an order larger than the room may go, by itself
         for order_id, payload, size in waiting:
-            if valid and taken + size > room:
-                break  # the rest waits for room; never a claim of nothing while the budget is empty
+            if taken + size > room and (valid or not alone):
+                break  # the rest waits for room
             if payload is None:
                 rejected.append((order_id, f"order is {size:,} bytes, over the limit of "
                                            f"{self._max_bytes:,} bytes"))

@@ -1,0 +1,388 @@
+"""The orders intake on a real SQLite file: claims, rejections, the byte budget, release, recovery, submit."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from invoicer.intake import ByteBudget, OrderChunk, OrderSource
+from invoicer.maintenance import SubmitError, read_orders
+from invoicer.orders import DEFAULT_MAX_ORDER_BYTES, InvalidOrder, check_order, demo_order
+from invoicer.pipeline import Part, failed_row, invoice_values
+from invoicer.pipeline.writer import StoredRuns
+from invoicer.processing import build_invoice
+from invoicer.storage import Batch, Storage, StorageError, submit_orders
+
+LIMIT = DEFAULT_MAX_ORDER_BYTES
+
+
+def payload(index: int) -> str:
+    """A valid order, different for each index."""
+    return json.dumps({**demo_order(index), "reference": f"PO-{index}"})
+
+
+def submit(database: Path, payloads: list[str]) -> list[int]:
+    """Insert payloads with plain SQL, as any application would; return their ids."""
+    with sqlite3.connect(database) as connection:
+        ids = [connection.execute("INSERT INTO orders (payload) VALUES (?)", (text,)).lastrowid or 0
+               for text in payloads]
+    connection.close()
+    return ids
+
+
+def pairs(database: Path) -> dict[int, int]:
+    """order id -> invoice number, read by another connection (what is durable)."""
+    with sqlite3.connect(database) as connection:
+        found = dict(connection.execute("SELECT id, invoice_id FROM orders WHERE invoice_id IS NOT NULL"))
+    connection.close()
+    return found
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> Iterator[Storage]:
+    store = Storage(tmp_path / "orders.db", synchronous="OFF")
+    store.open()
+    yield store
+    store.close()
+
+
+def source(storage: Storage, budget: int = 1 << 30, high_water: int | None = None) -> OrderSource:
+    if high_water is None:
+        high_water = storage.recovery_plan().high_water
+    return OrderSource(storage, high_water, ByteBudget(budget), check_order, max_order_bytes=LIMIT)
+
+
+def commit(storage: Storage, chunks: list[OrderChunk]) -> None:
+    """Store every request of ``chunks`` as the pipeline would, advancing the marks."""
+    plan = storage.recovery_plan()
+    stored = StoredRuns(plan.stored_through, plan.runs)
+    ok: list[object] = []
+    for chunk in chunks:
+        stored.add_numbers(chunk)
+        for request in chunk.requests:
+            ok += invoice_values(request.number, build_invoice(request.number, request.order), 1,
+                                 request.order_id or 0)
+    storage.save_batch(Batch(ok), stored.through, stored.runs())
+
+
+def test_a_claim_pairs_orders_with_consecutive_numbers_in_submission_order(storage: Storage) -> None:
+    """The pairing is in the database, for any other connection to see, before a processor gets the order."""
+    ids = submit(storage.path, [payload(i) for i in range(10)])
+    orders = source(storage)
+    chunk = orders.take(4)
+    assert chunk is not None
+    assert list(chunk) == [1, 2, 3, 4]
+    assert [request.order_id for request in chunk.requests] == ids[:4]
+    assert chunk.requests[2].order == json.loads(payload(2))
+    # The whole claim is durable, handed out or not: ten orders, numbers 1..10 in id order.
+    assert pairs(storage.path) == dict(zip(ids, range(1, 11), strict=True))
+    assert storage.recovery_plan().high_water == 10
+
+
+def test_invalid_orders_are_rejected_without_a_number(storage: Storage) -> None:
+    """Bad JSON, wrong types, absurd nesting and oversize orders are marked rejected; the rest stays gap-free."""
+    deep = json.dumps({**demo_order(4), "metadata": {"a": "[" * 100 + "]" * 100}}).replace('"[', "[").replace(']"', "]")
+    bad = ["{not json", json.dumps({**demo_order(1), "lines": "many"}), deep,
+           json.dumps({**demo_order(2), "currency": "euro"}), json.dumps(demo_order(3) | {"x": "y" * LIMIT})]
+    texts = [payload(0), bad[0], payload(1), bad[1], bad[2], payload(2), bad[3], bad[4], payload(3)]
+    ids = submit(storage.path, texts)
+    chunk = source(storage).take(100)
+    assert chunk is not None
+    assert [request.order_id for request in chunk.requests] == [ids[0], ids[2], ids[5], ids[8]]
+    assert list(chunk) == [1, 2, 3, 4]
+    rejected = {order_id: reason for order_id, _, reason in storage.rejected_orders()}
+    assert set(rejected) == {ids[1], ids[3], ids[4], ids[6], ids[7]}
+    assert rejected[ids[1]].startswith("malformed JSON")
+    assert rejected[ids[3]].startswith("lines:")
+    assert "deeper than" in rejected[ids[4]]
+    assert rejected[ids[6]].startswith("currency:")
+    assert f"over the limit of {LIMIT:,} bytes" in rejected[ids[7]]
+    assert all("\n" not in reason for reason in rejected.values())
+    assert source(storage).take(100) is None  # nothing is waiting any more: rejected ones stay out
+
+
+def test_the_byte_budget_bounds_a_claim_and_admits_a_large_order_alone(storage: Storage) -> None:
+    big = json.dumps({**demo_order(1), "metadata": {"note": "x" * 5000}})
+    submit(storage.path, [payload(1), payload(2), big, payload(3)])
+    budget = ByteBudget(2 * len(payload(1)) + 10)
+    orders = OrderSource(storage, 0, budget, check_order, max_order_bytes=LIMIT)
+    first = orders.take(10)
+    assert first is not None
+    assert len(first) == 2  # the big one does not fit beside them
+    assert budget.used == first.weight == len(payload(1)) + len(payload(2))
+    assert orders.take(10) is None  # no room: nothing claimed, the big order still waits
+    assert pairs(storage.path) == {1: 1, 2: 2}
+    budget.give_back(first.weight)  # committed
+    alone = orders.take(10)
+    assert alone is not None
+    assert [request.order_id for request in alone.requests] == [3]  # over the budget, so alone
+    assert budget.used == len(big)
+
+
+def test_a_stop_gives_back_what_was_claimed_but_not_handed_out(storage: Storage) -> None:
+    ids = submit(storage.path, [payload(i) for i in range(10)])
+    orders = source(storage)
+    chunk = orders.take(3)
+    assert chunk is not None
+    commit(storage, [chunk])
+    storage.release(orders.last_issued)
+    assert pairs(storage.path) == dict(zip(ids[:3], range(1, 4), strict=True))
+    assert storage.recovery_plan().high_water == 3
+    again = source(storage).take(100)  # the next start claims the rest, numbering on from 4
+    assert again is not None
+    assert list(again) == list(range(4, 11))
+    assert [request.order_id for request in again.requests] == ids[3:]
+
+
+def test_give_back_returns_a_chunk_in_front_of_the_claim(storage: Storage) -> None:
+    submit(storage.path, [payload(i) for i in range(6)])
+    orders = source(storage)
+    chunk = orders.take(2)
+    assert chunk is not None
+    orders.give_back(chunk)
+    assert orders.last_issued == 0
+    whole = orders.take(100)
+    assert whole is not None
+    assert list(whole) == list(range(1, 7))
+
+
+def test_recovery_gives_a_number_its_own_order_again(storage: Storage) -> None:
+    """After a crash the same orders come back under the same numbers; a number without one is a demo."""
+    ids = submit(storage.path, [payload(i) for i in range(8)])
+    chunk = source(storage).take(8)
+    assert chunk is not None
+    commit(storage, [chunk[2:5]])  # crash: 1, 2 and 6..8 were in flight
+    plan = storage.recovery_plan()
+    assert plan.missing == (range(1, 3), range(6, 9))
+    fresh = source(storage, high_water=plan.high_water)
+    recovered = [item for numbers in plan.missing for item in fresh.recover(numbers)]
+    assert all(isinstance(item, OrderChunk) for item in recovered)
+    requests = [request for item in recovered for request in item.requests]
+    assert [(r.number, r.order_id) for r in requests] == [(1, ids[0]), (2, ids[1]), (6, ids[5]),
+                                                           (7, ids[6]), (8, ids[7])]
+    assert requests[2].order == json.loads(payload(5))
+    storage.reserve(1)  # a number handed out by the demo source: no order is paired with it
+    (demo,) = fresh.recover(range(9, 10))
+    assert isinstance(demo, OrderChunk)
+    assert demo.requests[0].order_id is None
+    assert demo.requests[0].order == demo_order(9)
+
+
+def test_an_order_failing_its_check_at_recovery_is_stored_failed_under_its_number(storage: Storage) -> None:
+    ids = submit(storage.path, [payload(i) for i in range(3)])
+    assert source(storage).take(3) is not None
+
+    def stricter(text: str, *, max_bytes: int) -> dict[str, object]:
+        order = check_order(text, max_bytes=max_bytes)
+        if order["reference"] == "PO-1":
+            raise InvalidOrder("reference: PO-1 is blocked")
+        return order
+
+    later = OrderSource(storage, 3, ByteBudget(1 << 20), stricter, max_order_bytes=LIMIT)
+    items = later.recover(range(1, 4))
+    assert [type(item) for item in items] == [OrderChunk, Part, OrderChunk]
+    failed = items[1]
+    assert isinstance(failed, Part)
+    assert list(failed.numbers) == [2]
+    row = failed.batch.failed[0]
+    assert row[0] == 2
+    assert row[10] == ids[1]
+    assert row[8] == f"InvalidOrder: order {ids[1]} no longer valid: reference: PO-1 is blocked"
+
+
+def test_a_paired_order_cannot_be_changed_or_deleted(storage: Storage) -> None:
+    """Recovery reprocesses the paired order under its number, so the database keeps it as it was."""
+    submit(storage.path, [payload(1), payload(2)])
+    assert source(storage).take(1) is not None
+    with sqlite3.connect(storage.path) as connection:
+        with pytest.raises(sqlite3.IntegrityError, match="cannot change"):
+            connection.execute("UPDATE orders SET payload = '{}' WHERE id = 1")
+        with pytest.raises(sqlite3.IntegrityError, match="cannot be deleted"):
+            connection.execute("DELETE FROM orders WHERE id = 1")
+    connection.close()
+
+
+def test_a_claim_refuses_orders_another_program_took_meanwhile(storage: Storage) -> None:
+    submit(storage.path, [payload(1), payload(2)])
+    with sqlite3.connect(storage.path) as connection:
+        connection.execute("DELETE FROM orders WHERE id = 2")
+    connection.close()
+    with pytest.raises(StorageError, match="1 of 2 orders changed while being claimed"):
+        storage.claim_orders([1, 2], [])
+    assert pairs(storage.path) == {}
+    assert storage.recovery_plan().high_water == 0  # rolled back: no number taken
+
+
+def test_an_invoice_row_names_its_order_and_only_once(storage: Storage) -> None:
+    ids = submit(storage.path, [payload(1), payload(2)])
+    chunk = source(storage).take(2)
+    assert chunk is not None
+    commit(storage, [chunk])
+    with sqlite3.connect(storage.path) as connection:
+        rows = connection.execute("SELECT id, order_id FROM invoices ORDER BY id").fetchall()
+        assert rows == [(1, ids[0]), (2, ids[1])]
+        with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
+            connection.execute("INSERT INTO invoices (id, status, attempts, order_id) VALUES (9, 'ok', 1, ?)",
+                               (ids[0],))
+    connection.close()
+
+
+def test_demo_invoices_store_no_order(storage: Storage) -> None:
+    storage.reserve(2)
+    storage.save_batch(Batch(ok=[*invoice_values(1, build_invoice(1, demo_order(1)), 1)],
+                             failed=[failed_row(2, ValueError("bad"), 3)]), stored_through=2)
+    with sqlite3.connect(storage.path) as connection:
+        assert connection.execute("SELECT id, order_id FROM invoices").fetchall() == [(1, None), (2, None)]
+    connection.close()
+
+
+def test_the_budget_waits_for_room_and_wakes_when_bytes_come_back() -> None:
+    budget = ByteBudget(100)
+    budget.take(80)
+    assert budget.room() == 20
+    assert not budget.wait_room(30, timeout=0)
+    woke = threading.Event()
+
+    def waiter() -> None:
+        if budget.wait_room(30, timeout=30):
+            woke.set()
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    budget.give_back(80)
+    thread.join(30)
+    assert woke.is_set()
+    assert budget.room() == 100
+
+
+# -- submit ---------------------------------------------------------------------------------------------
+
+def test_submit_creates_the_database_and_inserts_in_one_transaction(tmp_path: Path) -> None:
+    database = tmp_path / "new.db"
+    assert submit_orders(database, [payload(1), payload(2)]) == (1, 2)
+    assert submit_orders(database, [payload(3)]) == (3, 3)
+    with sqlite3.connect(database) as connection:
+        assert [row[0] for row in connection.execute("SELECT payload FROM orders ORDER BY id")] == [
+            payload(1), payload(2), payload(3)]
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == 3
+    connection.close()
+
+
+def test_a_bad_line_names_itself_and_nothing_is_read_further() -> None:
+    lines = [payload(1).encode(), b"", b"   ", payload(2).encode(), b'{"customer": "x"}']
+    with pytest.raises(SubmitError, match=r"^orders.jsonl, line 5: missing field .currency.$") as caught:
+        read_orders(lines, "orders.jsonl", check_order, LIMIT)
+    assert caught.value.exit_code == 65
+    assert read_orders(lines[:4], "f", check_order, LIMIT) == [payload(1), payload(2)]  # blanks skipped
+    with pytest.raises(SubmitError, match=r"^f, line 1: not UTF-8"):
+        read_orders([b"\xff{}"], "f", check_order, LIMIT)
+
+
+def test_a_schema_2_database_gets_orders(tmp_path: Path) -> None:
+    """The upgrade keeps every invoice and adds the orders table and invoices.order_id."""
+    database = tmp_path / "v2.db"
+    with sqlite3.connect(database) as connection:
+        connection.executescript("""
+            CREATE TABLE invoices (id INTEGER PRIMARY KEY, status TEXT NOT NULL, customer TEXT,
+                currency TEXT, subtotal TEXT, tax TEXT, total TEXT, document TEXT, error TEXT,
+                attempts INTEGER NOT NULL);
+            CREATE TABLE sequence (id INTEGER PRIMARY KEY CHECK (id = 1), high_water INTEGER NOT NULL,
+                stored_through INTEGER NOT NULL, stored_runs TEXT NOT NULL DEFAULT '');
+            INSERT INTO sequence VALUES (1, 2, 2, '');
+            INSERT INTO invoices (id, status, attempts) VALUES (1, 'ok', 1), (2, 'ok', 1);
+            PRAGMA user_version = 2;""")
+    connection.close()
+    store = Storage(database)
+    store.open()
+    try:
+        submit(database, [payload(1)])
+        chunk = source(store).take(5)
+        assert chunk is not None
+        assert list(chunk) == [3]
+        commit(store, [chunk])
+    finally:
+        store.close()
+    with sqlite3.connect(database) as connection:
+        assert connection.execute("SELECT id, order_id FROM invoices").fetchall() == [(1, None), (2, None),
+                                                                                     (3, 1)]
+    connection.close()
+
+
+# -- the property ---------------------------------------------------------------------------------------
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_every_order_gets_exactly_one_number_through_random_claims_commits_and_crashes(
+        data: st.DataObject) -> None:
+    """Submit, claim, commit and crash at random: each valid order ends with one invoice, numbers gap-free."""
+    with tempfile.TemporaryDirectory() as directory:
+        check_random_orders(Path(directory) / "p.db", data)
+
+
+def check_random_orders(database: Path, data: st.DataObject) -> None:
+    submitted: list[int] = []
+    invalid: set[int] = set()
+    for _run in range(data.draw(st.integers(1, 4), label="runs")):
+        store = Storage(database, synchronous="OFF")
+        store.open()
+        plan = store.recovery_plan()
+        orders = OrderSource(store, plan.high_water, ByteBudget(data.draw(st.integers(200, 5000), label="b")),
+                             check_order, max_order_bytes=LIMIT)
+        owed: list[OrderChunk] = [item for numbers in plan.missing for item in orders.recover(numbers)
+                                  if isinstance(item, OrderChunk)]
+        assert sum(len(item) for item in owed) == plan.missing_total
+        for _step in range(data.draw(st.integers(0, 10), label="steps")):
+            action = data.draw(st.sampled_from(["submit", "take", "commit"]), label="action")
+            if action == "submit":
+                count = data.draw(st.integers(1, 6), label="count")
+                bad = data.draw(st.lists(st.booleans(), min_size=count, max_size=count), label="bad")
+                ids = submit(database, ["{oops" if b else payload(len(submitted) + i) for i, b in enumerate(bad)])
+                submitted += ids
+                invalid.update(order_id for order_id, b in zip(ids, bad, strict=True) if b)
+            elif action == "take":
+                chunk = orders.take(data.draw(st.integers(1, 5), label="limit"))
+                if chunk is not None:
+                    owed.append(chunk)
+            elif owed:
+                index = data.draw(st.integers(0, len(owed) - 1), label="which")
+                chunk = owed.pop(index)
+                cut = data.draw(st.integers(0, len(chunk)), label="cut")
+                commit(store, [chunk[:cut]])
+                if cut < len(chunk):
+                    owed.append(chunk[cut:])
+        if data.draw(st.booleans(), label="clean"):
+            if not owed:
+                store.release(orders.last_issued)
+        store.close()  # otherwise a crash: the claim and whatever is owed stay as they are
+    # A last run recovers and claims everything: every valid order has exactly one invoice.
+    store = Storage(database, synchronous="OFF")
+    store.open()
+    plan = store.recovery_plan()
+    orders = OrderSource(store, plan.high_water, ByteBudget(1 << 30), check_order, max_order_bytes=LIMIT)
+    final = [item for numbers in plan.missing for item in orders.recover(numbers)]
+    while (chunk := orders.take(1000)) is not None:
+        final.append(chunk)
+    commit(store, [item for item in final if isinstance(item, OrderChunk)])
+    store.close()
+    with sqlite3.connect(database) as connection:
+        invoices = dict(connection.execute("SELECT order_id, id FROM invoices WHERE order_id IS NOT NULL"))
+        numbers = [row[0] for row in connection.execute("SELECT id FROM invoices ORDER BY id")]
+        paired = dict(connection.execute("SELECT id, invoice_id FROM orders WHERE invoice_id IS NOT NULL"))
+        rejected = {row[0] for row in connection.execute("SELECT id FROM orders WHERE rejected IS NOT NULL")}
+    connection.close()
+    valid = [order_id for order_id in submitted if order_id not in invalid]
+    assert rejected == invalid
+    assert sorted(invoices) == valid
+    assert invoices == paired
+    assert numbers == list(range(1, len(numbers) + 1))
+    assert len(numbers) == len(valid)
+    # One instance: numbers follow submission order.
+    assert [invoices[order_id] for order_id in valid] == sorted(invoices.values())
