@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from invoicer.generator import InvoiceNumberGenerator
 from invoicer.pipeline import Part, StorageWriter, failed_row, invoice_row
 from invoicer.pipeline.writer import StoredRuns
-from invoicer.processing import build_invoice
+from invoicer.processing import sample_invoice
 from invoicer.storage import (
     EX_TEMPFAIL,
     OK_WIDTH,
@@ -35,8 +35,8 @@ from invoicer.storage import (
 
 
 def rows(numbers: list[int] | range) -> list[Row]:
-    """Table rows for the sample invoices of ``numbers``."""
-    return [invoice_row(n, build_invoice(n), 1) for n in numbers]
+    """Table rows for the sample invoices of ``numbers`` (demo invoices: no order)."""
+    return [invoice_row(n, sample_invoice(n), 1) for n in numbers]
 
 
 def batch(numbers: list[int] | range) -> Batch:
@@ -59,8 +59,8 @@ def stored_rows(path: Path) -> list[tuple[object, ...]]:
     connection = sqlite3.connect(path)
     try:
         return connection.execute(
-            "SELECT id, status, customer, currency, subtotal, tax, total, document, error, attempts "
-            "FROM invoices ORDER BY id").fetchall()
+            "SELECT id, status, customer, currency, subtotal, tax, total, document, error, attempts, "
+            "order_id FROM invoices ORDER BY id").fetchall()
     finally:
         connection.close()
 
@@ -117,14 +117,22 @@ def test_batches_of_any_size_store_exactly_their_rows(storage: Storage, size: in
     assert stored_rows(storage.path) == expected
 
 
+def order_id(number: int) -> int | None:
+    """An order id for odd numbers, none (a demo invoice) for even ones."""
+    return 10 * number if number % 2 else None
+
+
 @pytest.mark.parametrize("failed", [1, 3, 2049])
 def test_failed_rows_and_processed_ones_share_a_batch(storage: Storage, failed: int) -> None:
-    """Failed rows take the full-row statement, processed ones the short one; both land exactly."""
+    """Failed rows take the full-row statement, processed ones the short one; both land exactly.
+
+    Odd numbers carry an order id, even ones are demo invoices (no order): both kinds keep theirs.
+    """
     total = failed + 300
     storage.reserve(total)
     expected = sorted(
-        [failed_row(n, ValueError(f"broken {n}"), 3) for n in range(1, failed + 1)]
-        + [invoice_row(n, build_invoice(n), 1 + n % 3) for n in range(failed + 1, total + 1)])
+        [failed_row(n, ValueError(f"broken {n}"), 3, order_id(n)) for n in range(1, failed + 1)]
+        + [invoice_row(n, sample_invoice(n), 1 + n % 3, order_id(n)) for n in range(failed + 1, total + 1)])
     mixed = Batch.of(expected)
     assert (len(mixed.ok) // OK_WIDTH, len(mixed.failed), len(mixed)) == (300, failed, total)
     storage.save_batch(mixed, stored_through=total)
@@ -133,8 +141,10 @@ def test_failed_rows_and_processed_ones_share_a_batch(storage: Storage, failed: 
 
 def test_a_batch_gives_back_the_rows_it_was_made_of() -> None:
     """Batch.of and Batch.rows are inverses (processed rows first): what the writer stores is the row."""
-    made_of = [*rows([4, 5]), failed_row(6, ValueError("x"), 3), *rows([7])]
-    assert Batch.of(made_of).rows() == [*rows([4, 5, 7]), failed_row(6, ValueError("x"), 3)]
+    with_order = invoice_row(8, sample_invoice(8), 2, 80)
+    made_of = [*rows([4, 5]), failed_row(6, ValueError("x"), 3, 60), *rows([7]), with_order]
+    assert Batch.of(made_of).rows() == [*rows([4, 5, 7]), with_order, failed_row(6, ValueError("x"), 3, 60)]
+    assert (with_order[10], rows([4])[0][10]) == (80, None)
 
 
 def test_stored_through_never_moves_back(storage: Storage) -> None:
@@ -162,6 +172,19 @@ def test_release_gives_back_the_unused_reservation(storage: Storage) -> None:
     assert storage.recovery_plan().high_water == 40
     storage.release(70)
     assert storage.recovery_plan().high_water == 40
+
+
+def test_release_unpairs_the_orders_of_the_numbers_it_gives_back(storage: Storage) -> None:
+    """Orders claimed with numbers above the last one handed out wait again, in their order; the rest stay."""
+    with sqlite3.connect(storage.path) as connection:
+        connection.executemany("INSERT INTO orders (payload) VALUES (?)",
+                               [(f'{{"n":{n}}}',) for n in range(4)])
+    connection.close()
+    assert storage.claim_orders([1, 2, 3, 4], []) == (1, 4)
+    storage.release(2)
+    assert storage.recovery_plan().high_water == 2
+    assert storage.paired_orders(1, 4) == [(1, 1, '{"n":0}'), (2, 2, '{"n":1}')]
+    assert storage.waiting_orders(10, 1024) == [(3, '{"n":2}', 7), (4, '{"n":3}', 7)]
 
 
 def test_rows_above_the_mark_are_covered(storage: Storage) -> None:
@@ -376,6 +399,65 @@ def test_a_schema_1_database_gets_its_runs_saved(tmp_path: Path) -> None:
         assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert connection.execute("SELECT stored_runs FROM sequence").fetchone()[0] == "5-7,9-9"
     connection.close()
+    assert_has_orders(path, invoices=7)  # and on through 2 -> 3
+
+
+def assert_has_orders(path: Path, invoices: int) -> None:
+    """The database is at schema 3: invoices have an order_id (NULL for the old rows), orders exist."""
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        columns = [row[1] for row in connection.execute("PRAGMA table_info(invoices)")]
+        assert columns[-1] == "order_id"
+        assert connection.execute("SELECT count(*) FROM invoices WHERE order_id IS NULL").fetchone()[0] \
+            == invoices
+        names = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
+        assert {"orders", "invoices_order", "orders_waiting", "orders_rejected"} <= names
+        assert connection.execute("SELECT count(*) FROM orders").fetchone()[0] == 0
+    connection.close()
+
+
+SCHEMA_2 = """
+    CREATE TABLE invoices (id INTEGER PRIMARY KEY, status TEXT NOT NULL CHECK (status IN ('ok', 'failed')),
+        customer TEXT, currency TEXT, subtotal TEXT, tax TEXT, total TEXT, document TEXT, error TEXT,
+        attempts INTEGER NOT NULL);
+    CREATE TABLE sequence (id INTEGER PRIMARY KEY CHECK (id = 1),
+        high_water INTEGER NOT NULL CHECK (high_water >= 0),
+        stored_through INTEGER NOT NULL CHECK (stored_through >= 0), stored_runs TEXT NOT NULL DEFAULT '');
+    INSERT INTO sequence VALUES (1, 20, 3, '5-7');
+    CREATE INDEX invoices_failed ON invoices (id) WHERE status = 'failed';
+    PRAGMA user_version = 2;
+"""
+
+
+def test_a_schema_2_database_gains_orders(tmp_path: Path) -> None:
+    """A database from before orders keeps its invoices and marks; it gains invoices.order_id and orders."""
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as connection:
+        connection.executescript(SCHEMA_2)
+        connection.executemany("INSERT INTO invoices (id, status, attempts) VALUES (?, 'ok', 1)",
+                               [(n,) for n in (1, 2, 3, 5, 7)])
+        connection.execute("INSERT INTO invoices (id, status, error, attempts)"
+                           " VALUES (6, 'failed', 'bad', 3)")
+    connection.close()
+    storage = Storage(path)
+    storage.open()
+    plan = storage.recovery_plan()
+    assert (plan.stored_through, plan.high_water, plan.runs) == (3, 20, ((5, 7),))
+    assert plan.missing == (range(4, 5), range(8, 21))
+    assert storage.failed() == [(6, 3, "bad")]
+    storage.close()
+    assert_has_orders(path, invoices=6)
+    again = Storage(path)  # the migration is done once; opening again changes nothing
+    again.open()
+    try:
+        assert again.recovery_plan() == plan
+        with sqlite3.connect(path) as connection:
+            connection.execute("INSERT INTO orders (payload) VALUES ('{}')")
+        connection.close()
+        assert again.claim_orders([1], []) == (21, 21)  # the orders table works like a new one's
+        assert again.paired_orders(21, 21) == [(21, 1, "{}")]
+    finally:
+        again.close()
 
 
 def test_recovery_counts_a_row_inside_a_gap_as_stored(storage: Storage) -> None:
