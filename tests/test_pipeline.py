@@ -8,7 +8,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -17,10 +17,12 @@ import pytest
 from invoicer import pipeline
 from invoicer.gate import SAMPLES
 from invoicer.generator import InvoiceNumberGenerator
+from invoicer.intake import DemoSource, OrderChunk
+from invoicer.orders import demo_order
 from invoicer.outage import OutageBreaker
 from invoicer.pipeline import ConsumerPool, Part, Producer, chunk_for, consumers, invoice_row, max_chunk
 from invoicer.pipeline.consumers import LONG_CALL_S
-from invoicer.processing import build_invoice
+from invoicer.processing import Invoice, InvoiceRequest, build_invoice, sample_invoice
 from invoicer.storage import Batch, Row
 from invoicer.workqueue import WorkQueue
 from tests.test_generator import CountingReserver
@@ -44,7 +46,7 @@ def test_producer_sends_recovered_numbers_first_then_new_ones() -> None:
     """Recovered numbers go on the queue before any new number, each exactly once."""
     work = WorkQueue(100)
     generator = InvoiceNumberGenerator(CountingReserver(10), 10, block_size=4)
-    producer = Producer(generator, work, [range(3, 4), range(7, 8), range(9, 10)], lambda: 2,
+    producer = Producer(DemoSource(generator), work, [range(3, 4), range(7, 8), range(9, 10)], lambda: 2,
                         lambda *_: None, breaker=OutageBreaker())
     producer.start()
     seen: list[int] = []
@@ -70,7 +72,7 @@ def test_producer_blocks_on_a_full_queue_and_gives_back_on_stop() -> None:
             producer.stop()
         return 5
 
-    producer = Producer(generator, work, [], chunk, lambda *_: None, breaker=OutageBreaker())
+    producer = Producer(DemoSource(generator), work, [], chunk, lambda *_: None, breaker=OutageBreaker())
     producer.start()
     assert producer.join(5)
     assert work.depth() == 10
@@ -78,7 +80,13 @@ def test_producer_blocks_on_a_full_queue_and_gives_back_on_stop() -> None:
     assert generator.last_issued == 10  # the blocked third chunk (11..15) was given back
 
 
-def run_pool(processor: Callable[[int], Any], numbers: list[int], workers: int = 3) -> dict[int, Row]:
+def build(request: InvoiceRequest) -> Invoice:
+    """The built-in processor's invoice for the request's order, without the wait."""
+    return build_invoice(request.number, request.order)
+
+
+def run_pool(processor: Callable[[InvoiceRequest], Any], numbers: Sequence[int], workers: int = 3
+             ) -> dict[int, Row]:
     """Push ``numbers`` through a real ConsumerPool and return the rows it produced, by number."""
     work = WorkQueue(len(numbers))
     results: queue.Queue[Part] = queue.Queue()
@@ -102,10 +110,37 @@ def run_pool(processor: Callable[[int], Any], numbers: list[int], workers: int =
 
 
 def test_pool_processes_every_number_once() -> None:
-    """Every queued number comes back as exactly one 'ok' row."""
-    rows = run_pool(build_invoice, list(range(1, 101)))
+    """Every queued number comes back as exactly one 'ok' row: a bare number's demo invoice, no order."""
+    rows = run_pool(build, list(range(1, 101)))
     assert sorted(rows) == list(range(1, 101))
     assert {row[1] for row in rows.values()} == {"ok"}
+    assert all(rows[n] == invoice_row(n, sample_invoice(n), 1) for n in rows)
+
+
+def order_chunk(numbers: range) -> OrderChunk:
+    """A chunk of claimed orders: order ``100 + n`` for number ``n``, each with its own customer."""
+    requests = [InvoiceRequest(n, 100 + n, dict(demo_order(n), customer=f"Customer {n}")) for n in numbers]
+    return OrderChunk(numbers, requests, [10] * len(numbers))
+
+
+def test_a_chunk_of_orders_reaches_the_processor_as_its_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each number of an order chunk is processed with its own request; every row carries its order id."""
+    monkeypatch.setattr(pipeline, "RETRY_BACKOFF_S", 0.0)
+    chunk = order_chunk(range(1, 9))
+    seen: dict[int, InvoiceRequest] = {}
+
+    def poison_five(request: InvoiceRequest) -> object:
+        seen[request.number] = request
+        if request.number == 5:
+            raise ValueError("bad order")
+        return build(request)
+
+    rows = run_pool(poison_five, chunk)
+    assert all(seen[n] is request for n, request in zip(chunk, chunk.requests, strict=True))
+    for n in (1, 2, 3, 4, 6, 7, 8):
+        assert rows[n] == invoice_row(n, build_invoice(n, chunk.requests[n - 1].order), 1, 100 + n)
+        assert rows[n][2] == f"Customer {n}"
+    assert (rows[5][1], rows[5][8], rows[5][10]) == ("failed", "ValueError: bad order", 105)
 
 
 def test_failing_invoice_is_retried_then_stored_as_failed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -114,12 +149,12 @@ def test_failing_invoice_is_retried_then_stored_as_failed(monkeypatch: pytest.Mo
     calls: dict[int, int] = {}
     lock = threading.Lock()
 
-    def poison_three(invoice_id: int) -> object:
+    def poison_three(request: InvoiceRequest) -> object:
         with lock:
-            calls[invoice_id] = calls.get(invoice_id, 0) + 1
-        if invoice_id == 3:
+            calls[request.number] = calls.get(request.number, 0) + 1
+        if request.number == 3:
             raise ConnectionError("tax authority unreachable")
-        return build_invoice(invoice_id)
+        return build(request)
 
     rows = run_pool(poison_three, [1, 2, 3, 4])
     assert calls[3] == pipeline.MAX_ATTEMPTS
@@ -134,11 +169,11 @@ def test_transient_failure_succeeds_on_retry(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(pipeline, "RETRY_BACKOFF_S", 0.0)
     failed_once: set[int] = set()
 
-    def flaky(invoice_id: int) -> object:
-        if invoice_id not in failed_once:
-            failed_once.add(invoice_id)
+    def flaky(request: InvoiceRequest) -> object:
+        if request.number not in failed_once:
+            failed_once.add(request.number)
             raise TimeoutError("slow")
-        return build_invoice(invoice_id)
+        return build(request)
 
     rows = run_pool(flaky, [5], workers=1)
     assert rows[5][1] == "ok"
@@ -147,9 +182,9 @@ def test_transient_failure_succeeds_on_retry(monkeypatch: pytest.MonkeyPatch) ->
 
 GARBAGE = [
     ("not-an-invoice", {"id": 1}),
-    ("wrong-id", build_invoice(2)),
-    ("customer-not-str", dataclasses.replace(build_invoice(1), customer=42)),  # type: ignore[arg-type]
-    ("total-not-decimal", dataclasses.replace(build_invoice(1), total=1.5)),  # type: ignore[arg-type]
+    ("wrong-id", sample_invoice(2)),
+    ("customer-not-str", dataclasses.replace(sample_invoice(1), customer=42)),  # type: ignore[arg-type]
+    ("total-not-decimal", dataclasses.replace(sample_invoice(1), total=1.5)),  # type: ignore[arg-type]
     ("none", None),
 ]
 
@@ -162,10 +197,11 @@ def test_garbage_from_a_processor_is_refused(garbage: object) -> None:
 
 
 def test_valid_invoice_becomes_a_row() -> None:
-    """A good Invoice turns into an 'ok' row with exact decimal text."""
-    row = invoice_row(7, build_invoice(7), 1)
+    """A good Invoice turns into an 'ok' row with exact decimal text, and its order's id (None: demo)."""
+    row = invoice_row(7, sample_invoice(7), 1)
     assert row[:2] == (7, "ok")
-    assert Decimal(row[6] or "") == build_invoice(7).total
+    assert Decimal(row[6] or "") == sample_invoice(7).total
+    assert (len(row), row[10], invoice_row(7, sample_invoice(7), 1, 70)[10]) == (11, None, 70)
 
 
 def test_slow_invoices_reach_the_writer_one_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -173,10 +209,10 @@ def test_slow_invoices_reach_the_writer_one_by_one(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(consumers, "HANDOFF_S", 0.0)
     release = threading.Event()
 
-    def blocks_on_two(invoice_id: int) -> object:
-        if invoice_id == 2:
+    def blocks_on_two(request: InvoiceRequest) -> object:
+        if request.number == 2:
             release.wait(30)
-        return build_invoice(invoice_id)
+        return build(request)
 
     work = WorkQueue(10)
     results: queue.Queue[Part] = queue.Queue()
@@ -200,9 +236,9 @@ def test_consumers_run_on_the_cpu_they_are_pinned_to(pinned: bool) -> None:
     cpu = max(allowed) if pinned else None
     seen: list[set[int]] = []
 
-    def records_affinity(invoice_id: int) -> object:
+    def records_affinity(request: InvoiceRequest) -> object:
         seen.append(os.sched_getaffinity(0))
-        return build_invoice(invoice_id)
+        return build(request)
 
     work = WorkQueue(100)
     results: queue.Queue[Part] = queue.Queue()
@@ -222,7 +258,7 @@ def test_a_cpu_taken_away_leaves_consumers_unpinned(caplog: pytest.LogCaptureFix
     absent = max(os.sched_getaffinity(0)) + 1
     work = WorkQueue(100)
     results: queue.Queue[Part] = queue.Queue()
-    pool = ConsumerPool(build_invoice, work, results, 3, lambda *_: None, cpu=absent)
+    pool = ConsumerPool(build, work, results, 3, lambda *_: None, cpu=absent)
     with caplog.at_level(logging.WARNING, logger="invoicer"):
         pool.start()
         work.put(range(1, 31))
@@ -239,7 +275,7 @@ def test_resize_grows_and_shrinks_without_losing_numbers() -> None:
     """Growing starts loops, shrinking retires them after queued work; every number still comes back."""
     work = WorkQueue(1000)
     results: queue.Queue[Part] = queue.Queue()
-    pool = ConsumerPool(build_invoice, work, results, 2, lambda *_: None)
+    pool = ConsumerPool(build, work, results, 2, lambda *_: None)
     pool.start()
     for start in range(1, 301, 10):
         work.put(list(range(start, start + 10)))
@@ -265,11 +301,11 @@ def hung_pool(hang: set[int], workers: int, *, timeout: float = 5.0
     release = threading.Event()
     entered: list[int] = []
 
-    def processor(invoice_id: int) -> object:
-        if invoice_id in hang:
-            entered.append(invoice_id)
+    def processor(request: InvoiceRequest) -> object:
+        if request.number in hang:
+            entered.append(request.number)
             release.wait(60)
-        return build_invoice(invoice_id)
+        return build(request)
 
     work = WorkQueue(100)
     results: queue.Queue[Part] = queue.Queue()
@@ -320,6 +356,21 @@ def test_a_call_past_its_deadline_is_given_up_and_the_rest_goes_on() -> None:
     assert results.empty()
 
 
+def test_a_call_given_up_in_a_chunk_of_orders_keeps_its_order_id() -> None:
+    """A hung call on a claimed order is stored failed with that order's id; the others with theirs."""
+    pool, work, results, release, entered = hung_pool({3}, workers=1, timeout=5.0)
+    work.put(order_chunk(range(1, 6)))
+    wait_entered(entered, 1)
+    pool.reap(time.monotonic() + 5.1)
+    rows = collect(results, 5)
+    assert (rows[3][1], rows[3][10]) == ("failed", 103)
+    assert "did not return within 5s" in (rows[3][8] or "")
+    assert [(rows[n][1], rows[n][10]) for n in (1, 2, 4, 5)] == [("ok", 100 + n) for n in (1, 2, 4, 5)]
+    release.set()
+    work.put_sentinel()
+    assert pool.join(10)
+
+
 def test_hung_calls_do_not_hold_gate_places() -> None:
     """With the gate admitting one consumer, long calls are lent places, so the other work still flows."""
     pool, work, results, release, entered = hung_pool({1, 2}, workers=4, timeout=60.0)
@@ -365,10 +416,10 @@ def test_a_retry_backoff_holds_no_gate_place(monkeypatch: pytest.MonkeyPatch) ->
     """While a poison invoice sleeps between attempts, another consumer takes the one gate place."""
     monkeypatch.setattr(pipeline, "RETRY_BACKOFF_S", 0.2)
 
-    def poison_one(invoice_id: int) -> object:
-        if invoice_id == 1:
+    def poison_one(request: InvoiceRequest) -> object:
+        if request.number == 1:
             raise ValueError("bad order")
-        return build_invoice(invoice_id)
+        return build(request)
 
     work = WorkQueue(100)
     results: queue.Queue[Part] = queue.Queue()
@@ -405,7 +456,7 @@ def test_calls_that_all_hang_at_once_are_an_outage_not_failed_invoices() -> None
 
 def test_a_smaller_pool_still_counts_hung_calls_against_its_largest_size() -> None:
     """Shrinking by reload does not turn calls hung earlier into 'more hung than workers'."""
-    pool = ConsumerPool(build_invoice, WorkQueue(10), queue.Queue(), 8, lambda *_: None)
+    pool = ConsumerPool(build, WorkQueue(10), queue.Queue(), 8, lambda *_: None)
     pool.start()
     pool.resize(2)
     assert (pool.workers, pool.most_workers) == (2, 8)
@@ -434,10 +485,10 @@ def test_finished_rows_are_handed_over_before_an_outage_wait() -> None:
     """A consumer that must wait for a paused service first hands the writer what it has finished."""
     down = threading.Event()
 
-    def service(invoice_id: int) -> object:
-        if invoice_id >= 4 and down.is_set():
+    def service(request: InvoiceRequest) -> object:
+        if request.number >= 4 and down.is_set():
             raise ConnectionError("refused")
-        return build_invoice(invoice_id)
+        return build(request)
 
     work = WorkQueue(100)
     results: queue.Queue[Part] = queue.Queue()
