@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from invoicer.processing import ServiceUnavailableError, build_invoice
+from invoicer.orders import check_order
+from invoicer.processing import (
+    InvoiceRequest,
+    ServiceUnavailableError,
+    demo_request,
+    order_checker,
+    sample_invoice,
+)
 from tests.conftest import DAEMON_SRC, Daemon, assert_gap_free, require
 from tests.http_service import CLOSE, HOLD, Answer, InvoiceService, keys
 
@@ -66,13 +73,29 @@ def poster(example: ModuleType, service: InvoiceService, waits: list[float]) -> 
 
 def test_success_posts_the_document_with_its_headers(example: ModuleType, service: InvoiceService) -> None:
     """A 2xx answer returns the invoice as built; the request carried its document, JSON type and key."""
-    invoice = example.process(42)
-    assert invoice == build_invoice(42)
+    invoice = example.process(demo_request(42))
+    assert invoice == sample_invoice(42)
     [request] = service.recorded()
     assert request.path == "/invoices"
     assert request.headers["Content-Type"] == "application/json"
     assert request.key == "42"
     assert request.body == invoice.document.encode()
+
+
+def test_posts_the_invoice_of_the_order_it_receives(example: ModuleType, service: InvoiceService) -> None:
+    """The invoice posted and returned is the request's order's, under the request's number."""
+    order = check_order('{"customer": "Initech Ltd", "currency": "USD", "lines": [{"description": "Audit",'
+                        ' "quantity": 1, "unit_price": "1450.00", "tax_rate": "0.07"}]}', max_bytes=4096)
+    invoice = example.process(InvoiceRequest(43, 12, order))
+    assert (invoice.id, invoice.customer, invoice.currency, str(invoice.total)) == (
+        43, "Initech Ltd", "USD", "1551.50")
+    [request] = service.recorded()
+    assert (request.key, request.body) == ("43", invoice.document.encode())
+
+
+def test_takes_the_built_in_order_format(example: ModuleType) -> None:
+    """Orders for the example are checked as the built-in processor's: invoicer.orders.check_order."""
+    assert order_checker(example.process) is check_order
 
 
 RETRIED = {
@@ -92,10 +115,10 @@ def test_retries_what_is_safe_with_the_same_key(poster: InvoicePoster, service: 
                                                 waits: list[float], failures: list[Answer]) -> None:
     """Transient failures are retried after a doubling backoff, every time with the same key and document."""
     service.script(*failures)
-    poster.post(build_invoice(7))
+    poster.post(sample_invoice(7))
     requests = service.recorded()
     assert keys(requests) == ["7"] * (len(failures) + 1)
-    assert {request.body for request in requests} == {build_invoice(7).document.encode()}
+    assert {request.body for request in requests} == {sample_invoice(7).document.encode()}
     assert waits == [0.25, 0.5][:len(failures)]
 
 
@@ -119,7 +142,7 @@ def test_429_waits_as_retry_after_asks(poster: InvoicePoster, service: InvoiceSe
                                        retry_after: Callable[[], str], expected: float) -> None:
     """A 429 is retried after its Retry-After (seconds or a date), at most RETRY_AFTER_CAP_S."""
     service.script(Answer(429, headers=(("Retry-After", retry_after()),)))
-    poster.post(build_invoice(3))
+    poster.post(sample_invoice(3))
     assert keys(service.recorded()) == ["3", "3"]
     assert waits == [pytest.approx(expected, abs=1.0)]  # an HTTP date has whole seconds
 
@@ -142,7 +165,7 @@ def test_other_answers_raise_at_once_naming_the_status(example: ModuleType, post
     """Other non-2xx answers raise at once, one line naming the status and the start of the body."""
     service.script(answer)
     with pytest.raises(example.HTTPStatusError) as raised:
-        poster.post(build_invoice(5))
+        poster.post(sample_invoice(5))
     message = str(raised.value)
     assert message.startswith(f"POST {service.url}: HTTP {answer.status} ")
     assert "\n" not in message
@@ -157,7 +180,7 @@ def test_a_status_still_failing_after_the_retries_raises(example: ModuleType, po
     """Three 503s in a row: three requests with one key, two waits, then ServiceUnavailableError."""
     service.script(Answer(503, body="down"), Answer(503, body="down"), Answer(503, body="still down"))
     with pytest.raises(ServiceUnavailableError, match=r": HTTP 503 Service Unavailable: 'still down'$"):
-        poster.post(build_invoice(9))
+        poster.post(sample_invoice(9))
     assert keys(service.recorded()) == ["9", "9", "9"]
     assert waits == [0.25, 0.5]
 
@@ -169,7 +192,7 @@ def test_connection_refused_is_retried_then_raised(example: ModuleType, service:
     poster = example.InvoicePoster(example.HttpSettings(service.url, 0.2), sleep=waits.append,
                                    jitter=lambda: 0.0)
     with pytest.raises(ConnectionError) as raised:
-        poster.post(build_invoice(1))
+        poster.post(sample_invoice(1))
     assert type(raised.value) is ConnectionError
     assert str(raised.value) == f"POST {service.url}: [Errno 111] Connection refused"
     assert waits == [0.125, 0.25]  # the backoff with the least jitter: half of 0.25 s, then of 0.5 s
@@ -181,7 +204,7 @@ def test_a_service_that_never_answers_times_out(example: ModuleType, poster: Inv
     service.script(HOLD, HOLD, HOLD)
     started = time.monotonic()
     with pytest.raises(TimeoutError) as raised:
-        poster.post(build_invoice(11))
+        poster.post(sample_invoice(11))
     elapsed = time.monotonic() - started
     assert str(raised.value) == f"POST {service.url}: no answer within 0.2 s (INVOICER_HTTP_TIMEOUT)"
     assert keys(service.recorded()) == ["11", "11", "11"]
@@ -198,7 +221,7 @@ def test_a_connect_that_times_out_names_ip_address_allow(example: ModuleType, wa
         url = f"http://127.0.0.1:{listener.getsockname()[1]}/invoices"
         poster = example.InvoicePoster(example.HttpSettings(url, 0.2), sleep=waits.append)
         with pytest.raises(TimeoutError) as raised:
-            poster.post(build_invoice(4))
+            poster.post(sample_invoice(4))
     assert str(raised.value) == (
         f"POST {url}: could not connect within 0.2 s (INVOICER_HTTP_TIMEOUT); the service is down or "
         "unreachable, or IPAddressAllow= in this service's network drop-in does not list its address, "
@@ -212,22 +235,22 @@ def test_many_threads_post_at_once(example: ModuleType, service: InvoiceService)
 
     def work(first: int) -> None:
         for number in range(first, first + 4):
-            results[number] = example.process(number)
+            results[number] = example.process(demo_request(number))
 
     threads = [threading.Thread(target=work, args=(1 + 4 * i,)) for i in range(16)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(10)
-    assert results == {number: build_invoice(number) for number in range(1, 65)}
+    assert results == {number: sample_invoice(number) for number in range(1, 65)}
     assert sorted(keys(service.recorded()), key=lambda key: int(key or 0)) == [str(n) for n in range(1, 65)]
 
 
 def test_a_closed_network_names_the_drop_in() -> None:
     """In a network namespace with no route (PrivateNetwork=), the error says so and names the drop-in."""
     require(os.geteuid() == 0 and shutil.which("unshare") is not None, "unshare --net needs root")
-    script = (f"import {MODULE} as m\n"
-              "try:\n    m.process(1)\n"
+    script = (f"import {MODULE} as m\nfrom invoicer.processing import demo_request\n"
+              "try:\n    m.process(demo_request(1))\n"
               "except Exception as e:\n    print(f'{type(e).__name__}: {e}')\n")
     env = {**os.environ, "PYTHONPATH": str(DAEMON_SRC), "INVOICER_HTTP_URL": "http://192.0.2.1:8080/invoices"}
     result = subprocess.run(["unshare", "--net", "--", sys.executable, "-c", script], env=env,
@@ -341,5 +364,5 @@ def test_unused_port_is_refused(example: ModuleType, waits: list[float]) -> None
     poster = example.InvoicePoster(example.HttpSettings(url, 0.2), sleep=waits.append)
     with pytest.raises(ConnectionError, match=r"^POST http://127\.0\.0\.1:\d+/invoices: \[Errno 111\] "
                                               r"Connection refused$"):
-        poster.post(build_invoice(2))
+        poster.post(sample_invoice(2))
     assert len(waits) == 2
