@@ -39,7 +39,7 @@ def submit(database: Path, payloads: list[str]) -> list[int]:
 
 
 def pairs(database: Path) -> dict[int, int]:
-    """order id -> invoice number, read by another connection (what is durable)."""
+    """Map order id to invoice number, read by another connection (what is durable)."""
     with sqlite3.connect(database) as connection:
         found = dict(connection.execute("SELECT id, invoice_id FROM orders WHERE invoice_id IS NOT NULL"))
     connection.close()
@@ -88,8 +88,9 @@ def test_a_claim_pairs_orders_with_consecutive_numbers_in_submission_order(stora
 
 
 def test_invalid_orders_are_rejected_without_a_number(storage: Storage) -> None:
-    """Bad JSON, wrong types, absurd nesting and oversize orders are marked rejected; the rest stays gap-free."""
-    deep = json.dumps({**demo_order(4), "metadata": {"a": "[" * 100 + "]" * 100}}).replace('"[', "[").replace(']"', "]")
+    """Bad JSON, wrong types, absurd nesting and oversize orders are rejected; the rest stays gap-free."""
+    deep = json.dumps({**demo_order(4), "metadata": {"a": "[" * 100 + "]" * 100}})
+    deep = deep.replace('"[', "[").replace(']"', "]")
     bad = ["{not json", json.dumps({**demo_order(1), "lines": "many"}), deep,
            json.dumps({**demo_order(2), "currency": "euro"}), json.dumps(demo_order(3) | {"x": "y" * LIMIT})]
     texts = [payload(0), bad[0], payload(1), bad[1], bad[2], payload(2), bad[3], bad[4], payload(3)]
@@ -327,7 +328,7 @@ def test_every_order_gets_exactly_one_number_through_random_claims_commits_and_c
         check_random_orders(Path(directory) / "p.db", data)
 
 
-def check_random_orders(database: Path, data: st.DataObject) -> None:
+def check_random_orders(database: Path, data: st.DataObject) -> None:  # noqa: PLR0915  # one story
     submitted: list[int] = []
     invalid: set[int] = set()
     for _run in range(data.draw(st.integers(1, 4), label="runs")):
@@ -344,7 +345,8 @@ def check_random_orders(database: Path, data: st.DataObject) -> None:
             if action == "submit":
                 count = data.draw(st.integers(1, 6), label="count")
                 bad = data.draw(st.lists(st.booleans(), min_size=count, max_size=count), label="bad")
-                ids = submit(database, ["{oops" if b else payload(len(submitted) + i) for i, b in enumerate(bad)])
+                texts = ["{oops" if b else payload(len(submitted) + i) for i, b in enumerate(bad)]
+                ids = submit(database, texts)
                 submitted += ids
                 invalid.update(order_id for order_id, b in zip(ids, bad, strict=True) if b)
             elif action == "take":
@@ -358,9 +360,8 @@ def check_random_orders(database: Path, data: st.DataObject) -> None:
                 commit(store, [chunk[:cut]])
                 if cut < len(chunk):
                     owed.append(chunk[cut:])
-        if data.draw(st.booleans(), label="clean"):
-            if not owed:
-                store.release(orders.last_issued)
+        if data.draw(st.booleans(), label="clean") and not owed:
+            store.release(orders.last_issued)
         store.close()  # otherwise a crash: the claim and whatever is owed stay as they are
     # A last run recovers and claims everything: every valid order has exactly one invoice.
     store = Storage(database, synchronous="OFF")
