@@ -13,7 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from invoicer.intake import ByteBudget, OrderChunk, OrderSource
+from invoicer.generator import InvoiceNumberGenerator
+from invoicer.intake import ByteBudget, DemoSource, OrderChunk, OrderSource, Recovery
 from invoicer.maintenance import SubmitError, read_orders
 from invoicer.orders import DEFAULT_MAX_ORDER_BYTES, InvalidOrder, check_order, demo_order
 from invoicer.pipeline import Part, failed_row, invoice_values
@@ -171,10 +172,27 @@ def test_recovery_gives_a_number_its_own_order_again(storage: Storage) -> None:
                                                            (7, ids[6]), (8, ids[7])]
     assert requests[2].order == json.loads(payload(5))
     storage.reserve(1)  # a number handed out by the demo source: no order is paired with it
-    (demo,) = fresh.recover(range(9, 10))
-    assert isinstance(demo, OrderChunk)
-    assert demo.requests[0].order_id is None
-    assert demo.requests[0].order == demo_order(9)
+    assert fresh.recover(range(9, 10)) == [range(9, 10)]  # demo numbers stay bare: their orders are made
+    (mixed,) = fresh.recover(range(8, 10))
+    assert isinstance(mixed, OrderChunk)
+    assert [(r.number, r.order_id) for r in mixed.requests] == [(8, ids[7]), (9, None)]
+    assert mixed.requests[1].order == demo_order(9)
+    assert mixed.weight == len(payload(7))
+
+
+def test_a_restart_as_a_demo_still_recovers_orders_with_their_own_orders(storage: Storage) -> None:
+    """Orders claimed under INVOICER_SOURCE=orders keep their orders when the next start is a demo."""
+    ids = submit(storage.path, [payload(i) for i in range(3)])
+    assert source(storage).take(1) is not None  # crash: all three claimed, none stored
+    plan = storage.recovery_plan()
+    budget = ByteBudget(1 << 20)
+    demo = DemoSource(InvoiceNumberGenerator(storage, plan.high_water),
+                      Recovery(storage, budget, check_order, LIMIT))
+    (chunk,) = demo.recover(plan.missing[0])
+    assert isinstance(chunk, OrderChunk)
+    assert [(r.number, r.order_id) for r in chunk.requests] == list(zip([1, 2, 3], ids, strict=True))
+    assert demo.admit(chunk, timeout=0)
+    assert budget.used == chunk.weight > 0
 
 
 def test_an_order_failing_its_check_at_recovery_is_stored_failed_under_its_number(storage: Storage) -> None:

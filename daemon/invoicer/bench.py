@@ -68,9 +68,10 @@ def _parse(message: str) -> tuple[int, int] | None:
 
 
 def measure(workers: int, delay_ms: float, *, seconds: float, warmup: float, queue_size: int,
-            alone: float, directory: Path, extra_env: dict[str, str] | None = None) -> Point:
-    """Run the daemon at one grid point and measure it."""
-    database = directory / f"bench-{workers}-{delay_ms:g}.db"
+            alone: float, directory: Path, extra_env: dict[str, str] | None = None,
+            database: Path | None = None) -> Point:
+    """Run the daemon at one grid point and measure it (on ``database`` if given: it is deleted after)."""
+    database = database or directory / f"bench-{workers}-{delay_ms:g}.db"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     socket_path = directory / "notify.sock"
     socket_path.unlink(missing_ok=True)

@@ -26,7 +26,7 @@ from invoicer.config import (
     resolve_consumer_cpu,
 )
 from invoicer.generator import MAX_BLOCK_SIZE, InvoiceNumberGenerator
-from invoicer.intake import ByteBudget, DemoSource, OrderSource
+from invoicer.intake import ByteBudget, DemoSource, OrderSource, Recovery
 from invoicer.notify import Notifier, watchdog_interval
 from invoicer.observer import Observer, Snapshot, status_line
 from invoicer.outage import OutageBreaker
@@ -108,7 +108,7 @@ class Daemon:
         self._state = "running"
         self._writer.start()
         self._pool.start()
-        self._producer.start()
+        self._producer.start()  # it starts the source once the recovered numbers are queued
         self._notifier.ready(status_line(self._snapshot(), 0.0))
         self._observer.start()
         log.info("ready", extra={"workers": self.config.workers, "database": str(self.config.database),
@@ -123,14 +123,15 @@ class Daemon:
         self._work = WorkQueue(config.queue_size)
         self._results: queue.Queue[Part] = queue.Queue(maxsize=2 * config.workers + RESULTS_ROOM)
         self._budget = ByteBudget(config.inflight_bytes)
+        check = order_checker(self._processor)
         self._source: DemoSource | OrderSource
         if config.source == "demo":
-            self._source = DemoSource(InvoiceNumberGenerator(self._storage, plan.high_water,
-                                                             max_block_size=MAX_BLOCK_SIZE))
+            self._source = DemoSource(
+                InvoiceNumberGenerator(self._storage, plan.high_water, max_block_size=MAX_BLOCK_SIZE),
+                Recovery(self._storage, self._budget, check, config.order_max_bytes))
         else:
-            self._source = OrderSource(self._storage, plan.high_water, self._budget,
-                                       order_checker(self._processor),
-                                       max_order_bytes=config.order_max_bytes)
+            self._source = OrderSource(self._storage, plan.high_water, self._budget, check,
+                                       max_order_bytes=config.order_max_bytes, on_fatal=self._on_fatal)
         breaker = OutageBreaker(config.workers)
         self._pool = ConsumerPool(self._processor, self._work, self._results, config.workers,
                                   self._on_fatal, timeout=config.invoice_timeout, breaker=breaker,
@@ -193,6 +194,8 @@ class Daemon:
             return f"storage: a commit has not finished for {now - since:.0f}s"
         if (since := self._producer.busy_since) and now - since > limit:
             return f"storage: reserving invoice numbers has not finished for {now - since:.0f}s"
+        if (since := self._source.busy_since) and now - since > limit:
+            return f"storage: claiming orders has not finished for {now - since:.0f}s"
         pool = self._pool
         if pool.abandoned > pool.most_workers:
             return (f"{pool.abandoned} hung processor calls abandoned, more than the {pool.most_workers} "
@@ -272,6 +275,8 @@ class Daemon:
         try:
             self._producer.stop()
             self._wait(self._producer.join)
+            self._source.stop()  # what it claimed and nobody took is given back by release() below
+            self._wait(self._source.join)
             self._pool.retire_all()
             self._wait(self._pool.join)
             self._wait(self._pool.close)  # hands over what given-up calls left, while the writer runs

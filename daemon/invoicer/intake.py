@@ -16,6 +16,7 @@ bytes from a :class:`ByteBudget` that the writer gives back once their invoices 
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -124,9 +125,21 @@ class DemoSource:
     """Numbers from the generator, each with its synthetic demo order (made by the consumer)."""
 
     idle = False
+    busy_since = 0.0  # reservations are timed by the producer
 
-    def __init__(self, generator: InvoiceNumberGenerator) -> None:
+    def __init__(self, generator: InvoiceNumberGenerator, recovery: Recovery | None = None) -> None:
         self._generator = generator
+        self._recovery = recovery
+
+    def start(self) -> None:
+        """Nothing to start: the producer takes numbers itself."""
+
+    def stop(self) -> None:
+        """Nothing to stop."""
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Nothing to wait for."""
+        return True
 
     def take(self, limit: int) -> range:
         """Hand out up to ``limit`` new numbers."""
@@ -137,12 +150,12 @@ class DemoSource:
         self._generator.give_back(chunk)
 
     def recover(self, numbers: range) -> list[Recovered]:
-        """Return the work for recovered ``numbers``: the numbers themselves."""
-        return [numbers]
+        """Return the work for recovered ``numbers`` (see :class:`Recovery`; without one, the numbers)."""
+        return [numbers] if self._recovery is None else self._recovery.recover(numbers)
 
     def admit(self, chunk: object, timeout: float) -> bool:
-        """Demo chunks hold no payload bytes."""
-        return True
+        """Take a recovered chunk's bytes from the budget (see :class:`Recovery`)."""
+        return True if self._recovery is None else self._recovery.admit(chunk, timeout)
 
     @property
     def last_issued(self) -> int:
@@ -153,54 +166,113 @@ class DemoSource:
 class OrderSource:
     """Claims waiting orders, pairing each valid one with the next number in one durable transaction.
 
-    Numbers follow submission order (``orders.id``). A claimed block waits here until the producer queues
-    it; what is left at a stop is given back by ``Storage.release`` (its orders wait again).
+    Numbers follow submission order (``orders.id``). Once started, a claimer thread keeps the next block
+    claimed (parsed, checked, paired) while the producer queues the current one, so that consumers do
+    not wait for a claim's parsing and fsync; unstarted, ``take`` claims inline (the tests). What is
+    claimed and not handed out at a stop is given back by ``Storage.release`` (its orders wait again).
     """
 
     idle = False
 
     def __init__(self, storage: Storage, high_water: int, budget: ByteBudget,
                  check: Callable[..., dict[str, Any]], *, max_order_bytes: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 on_fatal: Callable[[str, BaseException], None] | None = None) -> None:
         self._storage = storage
         self._budget = budget
         self._check = check
         self._max_bytes = max_order_bytes
         self._clock = clock
+        self._on_fatal = on_fatal
+        self._recovery = Recovery(storage, budget, check, max_order_bytes)
         self._block = MIN_CLAIM
         self._claimed_at: float | None = None
-        # Written by the producer thread only.
-        self._claimed: OrderChunk | None = None  # claimed, not yet handed out
-        self._reserved_last = high_water
+        self._reserved_last = high_water  # written by whoever claims (the claimer thread, once started)
+        # Rule: _changed's lock guards _current, _ready and _last_issued. The producer takes from them,
+        # the claimer thread appends to _ready; nobody holds it during a claim.
+        self._changed = threading.Condition(threading.Lock())
+        self._current: OrderChunk | None = None  # the block being handed out
+        self._ready: collections.deque[OrderChunk] = collections.deque()  # claimed ahead, in order
         self._last_issued = high_water
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
         self.idle = False           # the last look found no order waiting
+        self.busy_since = 0.0       # monotonic start of the claim under way (0: none)
         self.claimed_total = 0
         self.rejected_total = 0
 
     @property
     def last_issued(self) -> int:
         """The highest number handed out (what a stop keeps; the rest of the claim is given back)."""
-        return self._last_issued
+        with self._changed:
+            return self._last_issued
+
+    def start(self) -> None:
+        """Start claiming ahead in a thread of its own."""
+        self._thread = threading.Thread(target=self._run, name="invoicer-claimer", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop claiming (what is claimed stays, for the producer or for release)."""
+        self._stop.set()
+        with self._changed:
+            self._changed.notify_all()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the claimer thread; True once it has ended (or never started)."""
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                with self._changed:  # one block claimed ahead of the one being handed out
+                    self._changed.wait_for(lambda: not self._ready or self._stop.is_set())
+                if self._stop.is_set():
+                    return
+                self.busy_since = self._clock()
+                block = self._claim()
+                self.busy_since = 0.0
+                if block is None:  # nothing waiting, or no room in the byte budget: look again soon
+                    self._stop.wait(IDLE_POLL_S)
+                    continue
+                with self._changed:
+                    self._ready.append(block)
+                    self._changed.notify_all()
+        except BaseException as exc:  # a broken claimer must end the process loudly
+            if self._on_fatal is None:
+                raise
+            self._on_fatal("claimer", exc)
 
     def take(self, limit: int) -> OrderChunk | None:
-        """Hand out up to ``limit`` paired orders; None if none is waiting or the byte budget is spent."""
-        claimed = self._claimed
-        if claimed is None or not len(claimed):
-            claimed = self._claim()
-            if claimed is None:
-                return None
-        chunk, self._claimed = claimed[:limit], claimed[limit:]
-        self._last_issued = chunk.numbers[-1]
-        return chunk
+        """Hand out up to ``limit`` paired orders; None if none is claimed within IDLE_POLL_S."""
+        if self._thread is None and not self._ready and (self._current is None or not len(self._current)):
+            block = self._claim()
+            if block is not None:
+                self._ready.append(block)
+        with self._changed:
+            if (self._current is None or not len(self._current)) and not self._ready:
+                self._changed.wait_for(lambda: bool(self._ready), IDLE_POLL_S)
+            if self._current is None or not len(self._current):
+                if not self._ready:
+                    return None
+                self._current = self._ready.popleft()
+                self._changed.notify_all()  # room to claim the next block
+            chunk, self._current = self._current[:limit], self._current[limit:]
+            self._last_issued = chunk.numbers[-1]
+            return chunk
 
     def give_back(self, chunk: OrderChunk) -> None:
         """Return the chunk last taken: it goes back in front of the rest of the claim."""
-        rest = self._claimed
-        if rest is not None and len(rest):
-            chunk = OrderChunk(range(chunk.numbers.start, rest.numbers.stop),
-                               [*chunk.requests, *rest.requests], [*chunk.sizes, *rest.sizes])
-        self._claimed = chunk
-        self._last_issued = chunk.numbers.start - 1
+        with self._changed:
+            rest = self._current
+            if rest is not None and len(rest):
+                chunk = OrderChunk(range(chunk.numbers.start, rest.numbers.stop),
+                                   [*chunk.requests, *rest.requests], [*chunk.sizes, *rest.sizes])
+            self._current = chunk
+            self._last_issued = chunk.numbers.start - 1
 
     def _claim(self) -> OrderChunk | None:
         """Claim the next waiting orders (as many as the block and the byte budget allow)."""
@@ -209,7 +281,7 @@ class OrderSource:
             self._budget.wait_room(1, IDLE_POLL_S)
             return None
         self._adapt_block()
-        waiting = self._storage.waiting_orders(self._block, self._max_bytes)
+        waiting = self._storage.waiting_orders(self._block, self._max_bytes, room)
         if not waiting:
             self.idle = True
             return None
@@ -260,17 +332,43 @@ class OrderSource:
         self._claimed_at = now
 
     def recover(self, numbers: range) -> list[Recovered]:
+        """Return the work for recovered ``numbers`` (see :class:`Recovery`)."""
+        return self._recovery.recover(numbers)
+
+    def admit(self, chunk: object, timeout: float) -> bool:
+        """Take a recovered chunk's bytes from the budget (see :class:`Recovery`)."""
+        return self._recovery.admit(chunk, timeout)
+
+
+class Recovery:
+    """The work for numbers start-up must recover: each with the order it was paired with.
+
+    Whatever the source is now: a number paired with an order under ``INVOICER_SOURCE=orders`` is
+    reprocessed with that order even if the daemon restarts as a demo.
+    """
+
+    def __init__(self, storage: Storage, budget: ByteBudget, check: Callable[..., dict[str, Any]],
+                 max_order_bytes: int) -> None:
+        self._storage = storage
+        self._budget = budget
+        self._check = check
+        self._max_bytes = max_order_bytes
+
+    def recover(self, numbers: range) -> list[Recovered]:
         """Return the work for recovered ``numbers``: their paired orders, read again.
 
-        A number with no order came from the demo source and gets its demo order; an order that no
-        longer passes the check (edited by hand) is stored as failed with the reason, keeping its number.
+        A number with no order came from the demo source and gets its demo order (a bare range, when no
+        number of it has one); an order that no longer passes the check is stored as failed with the
+        reason, keeping its number.
         """
         from invoicer.pipeline import Part, failed_row  # noqa: PLC0415  # the pipeline imports this module
         from invoicer.processing import demo_request  # noqa: PLC0415
 
         paired: dict[int, tuple[int | None, str | None]] = {
             number: (order_id, payload) for number, order_id, payload
-                  in self._storage.paired_orders(numbers.start, numbers[-1])}
+            in self._storage.paired_orders(numbers.start, numbers[-1])}
+        if not paired:
+            return [numbers]
         requests: list[InvoiceRequest] = []
         sizes: list[int] = []
         out: list[Recovered] = []

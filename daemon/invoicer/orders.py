@@ -189,7 +189,10 @@ def validate_order(order: dict[str, Any]) -> None:
         detail = _show(currency) if type(currency) is str else _json_type(currency)
         raise InvalidOrder(f"currency: {detail} is not three uppercase letters (ISO 4217, e.g. 'EUR')")
     if "reference" in order:
-        _check_text("reference", order["reference"])
+        reference = order["reference"]
+        if not (type(reference) is str and 0 < len(reference) <= MAX_TEXT["reference"]
+                and reference.isprintable() and not reference.isspace()):
+            _check_text("reference", reference)
     if "metadata" in order and type(order["metadata"]) is not dict:
         raise InvalidOrder(f"metadata: must be an object, not {_json_type(order['metadata'])}")
     lines = order["lines"]

@@ -66,7 +66,7 @@ TABLES = (
         id INTEGER PRIMARY KEY,
         payload TEXT NOT NULL,
         submitted_at TEXT NOT NULL DEFAULT ({SUBMITTED_AT}),
-        invoice_id INTEGER UNIQUE,
+        invoice_id INTEGER,
         rejected TEXT,
         CHECK (invoice_id IS NULL OR rejected IS NULL)
     )""",
@@ -76,6 +76,10 @@ INDEXES = (
     "CREATE INDEX IF NOT EXISTS invoices_failed ON invoices (id) WHERE status = 'failed'",
     # One invoice per order, found with one query; demo invoices (no order) stay out of it.
     "CREATE UNIQUE INDEX IF NOT EXISTS invoices_order ON invoices (order_id) WHERE order_id IS NOT NULL",
+    # One number per order. Partial, so that the waiting orders (NULL) are not in it: a full UNIQUE
+    # index held them all, and the planner then read the waiting orders through it and sorted them,
+    # every claim (77 invoices/s on a backlog of 200,000).
+    "CREATE UNIQUE INDEX IF NOT EXISTS orders_invoice ON orders (invoice_id) WHERE invoice_id IS NOT NULL",
     # The claim reads the waiting orders in submission order through this; claimed ones leave it.
     "CREATE INDEX IF NOT EXISTS orders_waiting ON orders (id) WHERE invoice_id IS NULL AND rejected IS NULL",
     "CREATE INDEX IF NOT EXISTS orders_rejected ON orders (id) WHERE rejected IS NOT NULL",
@@ -128,10 +132,19 @@ REPLACE_FAILED = (
 )
 SET_HIGH_WATER_AT_LEAST = "UPDATE sequence SET high_water = ? WHERE id = 1 AND high_water < ?"
 ADD_ORDER_COLUMN = "ALTER TABLE invoices ADD COLUMN order_id INTEGER REFERENCES orders (id)"
-# The waiting orders, oldest first; a payload over the size limit is not even read out (NULL).
-SELECT_WAITING = ("SELECT id, CASE WHEN length(CAST(payload AS BLOB)) <= ? THEN payload END,"
-                  " length(CAST(payload AS BLOB)) FROM orders"
-                  " WHERE invoice_id IS NULL AND rejected IS NULL ORDER BY id LIMIT ?")
+# The waiting orders, oldest first, as long as their payloads add up to at most :room + :max bytes; a
+# payload over :max is not read out. One row holds them all (ids, byte sizes, character lengths, and the
+# payloads end to end): sqlite3 lets go of the GIL for every row it steps to, and winning it back from
+# a busy consumer thread can take a switch interval each time.
+SELECT_WAITING = """
+    SELECT group_concat(id), group_concat(bytes), group_concat(chars), group_concat(text, '') FROM (
+        SELECT id, bytes, iif(bytes <= :max, length(payload), 0) AS chars,
+               iif(bytes <= :max, payload, '') AS text,
+               sum(iif(bytes <= :max, bytes, 0)) OVER (ORDER BY id ROWS UNBOUNDED PRECEDING) AS running
+        FROM (SELECT id, payload, length(CAST(payload AS BLOB)) AS bytes FROM orders
+              WHERE invoice_id IS NULL AND rejected IS NULL ORDER BY id LIMIT :limit)
+        ORDER BY id)
+    WHERE running <= :room + :max"""
 # Pairs the claimed orders (a JSON array of ids, in order) with consecutive numbers from the first one.
 PAIR_ORDERS = ("UPDATE orders SET invoice_id = ? + claimed.key FROM json_each(?) AS claimed"
                " WHERE orders.id = claimed.value AND orders.invoice_id IS NULL AND orders.rejected IS NULL")
@@ -520,15 +533,32 @@ class Storage:
 
     # -- orders -------------------------------------------------------------------------------------------
 
-    def waiting_orders(self, limit: int, max_bytes: int) -> list[tuple[int, str | None, int]]:
-        """Return (id, payload, bytes) of up to ``limit`` waiting orders, oldest first (None: too big)."""
+    def waiting_orders(self, limit: int, max_bytes: int,
+                       room: int = 1 << 62) -> list[tuple[int, str | None, int]]:
+        """Return (id, payload, bytes) of waiting orders, oldest first (payload None: over ``max_bytes``).
+
+        At most ``limit`` orders, and only as many as fit in ``room`` bytes plus one more order.
+        """
         with self._lock:
             if self._connection is None:
                 raise StorageError(f"database {self.path} is not open")
             try:
-                return self._connection.execute(SELECT_WAITING, (max_bytes, limit)).fetchall()
+                ids, sizes, lengths, texts = self._connection.execute(
+                    SELECT_WAITING, {"max": max_bytes, "limit": limit, "room": room}).fetchone()
             except sqlite3.Error as exc:
                 raise describe_error(self.path, exc, "reading waiting orders") from exc
+        if ids is None:
+            return []
+        waiting: list[tuple[int, str | None, int]] = []
+        position = 0
+        for order_id, size, length in zip(ids.split(","), sizes.split(","), lengths.split(","), strict=True):
+            chars = int(length)
+            size_bytes = int(size)
+            text = texts[position:position + chars] if size_bytes <= max_bytes else None
+            position += chars
+            waiting.append((int(order_id), text, size_bytes))
+        waiting.sort(key=lambda order: order[0])
+        return waiting
 
     def claim_orders(self, order_ids: Sequence[int],
                      rejected: Sequence[tuple[int, str]]) -> tuple[int, int]:

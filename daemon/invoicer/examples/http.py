@@ -3,7 +3,8 @@
 ``INVOICER_PROCESSOR=invoicer.examples.http:process`` builds the invoice of the order it receives as the
 built-in processor does (:func:`invoicer.processing.build_invoice`), POSTs its JSON document to
 ``INVOICER_HTTP_URL`` and returns the invoice once the service answered 2xx. Settings, read once when
-the module is imported (a bad value raises ``ValueError`` naming the variable, which the daemon reports as a configuration error, exit 78):
+the module is imported (a bad value raises ``ValueError`` naming the variable, which the daemon
+reports as a configuration error, exit 78):
 
 - ``INVOICER_HTTP_URL``: ``http://`` or ``https://`` URL with a host, required;
 - ``INVOICER_HTTP_TIMEOUT``: seconds a request may wait to connect, and then for each read of the

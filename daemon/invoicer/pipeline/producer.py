@@ -23,6 +23,7 @@ class Source(Protocol):
     def give_back(self, chunk: Any) -> None: ...
     def recover(self, numbers: range) -> Sequence[Chunk | Part]: ...
     def admit(self, chunk: object, timeout: float) -> bool: ...
+    def start(self) -> None: ...
     @property
     def last_issued(self) -> int: ...
 
@@ -84,6 +85,10 @@ class Producer:
                     for item in work:
                         self._recover(item)
                     position += len(numbers)
+            # Only now: a source claiming ahead could otherwise fill the byte budget with new orders
+            # while recovered ones wait for room behind them.
+            if not self._stop.is_set():
+                self._source.start()
             while not self._stop.is_set():
                 if self._breaker.paused:
                     self._breaker.wait_resumed(POLL_S)
