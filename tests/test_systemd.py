@@ -38,6 +38,9 @@ ProtectKernelTunables=no
 SystemCallFilter=@chown
 # The tests' processor plugins (tests.plugins) live in the repository.
 Environment=PYTHONPATH={repo}
+# Synthetic work, without submitting orders (as tests/conftest.py's daemon_env); the environment file
+# may override it.
+Environment=INVOICER_SOURCE=demo
 # The checkout (and its .venv) may lie under /tmp, which PrivateTmp= would hide.
 BindReadOnlyPaths={repo}
 """
