@@ -43,7 +43,7 @@ BAD_VALUES = [
     ("INVOICER_PROCESSOR", "empty-callable", "invoicer.processing:"),
     ("INVOICER_PROCESSOR", "missing-module", "no_such_module_xyz:process"),
     ("INVOICER_PROCESSOR", "missing-attribute", "invoicer.processing:nothing_here"),
-    ("INVOICER_PROCESSOR", "not-callable", "invoicer.processing:CURRENCY"),
+    ("INVOICER_PROCESSOR", "not-callable", "invoicer.processing:CENT"),
     ("INVOICER_PROCESSOR", "import-raises", "tests.plugins.broken_import:process"),
     ("INVOICER_INVOICE_TIMEOUT", "zero", "0"),
     ("INVOICER_INVOICE_TIMEOUT", "negative", "-5"),
@@ -52,6 +52,14 @@ BAD_VALUES = [
     ("INVOICER_CONSUMER_CPU", "not-a-number", "first"),
     ("INVOICER_CONSUMER_CPU", "negative", "-1"),
     ("INVOICER_CONSUMER_CPU", "not-allowed", str(max(os.sched_getaffinity(0)) + 1)),
+    ("INVOICER_SOURCE", "unknown", "kafka"),
+    ("INVOICER_ORDER_MAX_BYTES", "not-a-size", "big"),
+    ("INVOICER_ORDER_MAX_BYTES", "unknown-unit", "4TB"),
+    ("INVOICER_ORDER_MAX_BYTES", "too-small", "1000"),
+    ("INVOICER_ORDER_MAX_BYTES", "too-large", "257MiB"),
+    ("INVOICER_INFLIGHT_BYTES", "negative", "-1"),
+    ("INVOICER_INFLIGHT_BYTES", "too-small", "63K"),
+    ("INVOICER_INFLIGHT_BYTES", "too-large", "65G"),
 ]
 
 
@@ -69,11 +77,27 @@ def test_valid_values_are_taken() -> None:
         "INVOICER_WORKERS": "8", "INVOICER_QUEUE_SIZE": "100", "INVOICER_DATABASE": "/srv/x.db",
         "INVOICER_PROCESSOR": "tests.plugins.processors:echo", "INVOICER_PROCESSING_DELAY_MS": "0",
         "INVOICER_STATUS_INTERVAL": "0.5", "INVOICER_LOG_LEVEL": "debug",
-        "INVOICER_CONSUMER_CPU": f" {max(os.sched_getaffinity(0))} ", "INVOICER_INVOICE_TIMEOUT": "2.5"})
+        "INVOICER_CONSUMER_CPU": f" {max(os.sched_getaffinity(0))} ", "INVOICER_INVOICE_TIMEOUT": "2.5",
+        "INVOICER_SOURCE": " Demo ", "INVOICER_ORDER_MAX_BYTES": "8MiB", "INVOICER_INFLIGHT_BYTES": "65536"})
     assert config == Config(workers=8, queue_size=100, database=Path("/srv/x.db"),
                             processor="tests.plugins.processors:echo", processing_delay_ms=0.0,
                             status_interval=0.5, log_level="DEBUG",
-                            consumer_cpu=str(max(os.sched_getaffinity(0))), invoice_timeout=2.5)
+                            consumer_cpu=str(max(os.sched_getaffinity(0))), invoice_timeout=2.5,
+                            source="demo", order_max_bytes=8 * 1024 * 1024, inflight_bytes=65536)
+
+
+@pytest.mark.parametrize(("value", "size"), [
+    ("4194304", 4 * 1024**2), ("4MiB", 4 * 1024**2), ("4 mb", 4 * 1024**2), ("64k", 64 * 1024),
+    ("1G", 1024**3), ("", 16 * 1024**2)], ids=["bytes", "MiB", "spaced-lower", "k", "G", "empty"])
+def test_sizes_take_binary_units(value: str, size: int) -> None:
+    """Sizes are bytes or K, M, G (KB, KiB, ...: all powers of 1024) in any case; empty is the default."""
+    assert load_config({"INVOICER_INFLIGHT_BYTES": value}).inflight_bytes == size
+
+
+def test_a_processor_that_is_not_callable_is_named_so() -> None:
+    """An attribute that exists but cannot be called is refused as such, not as a missing one."""
+    with pytest.raises(ConfigError, match=r"^INVOICER_PROCESSOR='invoicer.processing:CENT' is not callable"):
+        load_config({"INVOICER_PROCESSOR": "invoicer.processing:CENT"})
 
 
 @pytest.mark.parametrize(("value", "setting"), [("AUTO", "auto"), ("None", "none"), ("", "none")])
