@@ -84,7 +84,7 @@ def manager() -> Iterator[UserManager]:
 def test_installed_unit_starts_reloads_and_stops(manager: UserManager) -> None:
     """The installed unit on Debian's python3: ready, status, reload in place, stop, gap-free."""
     write_environment(manager, INVOICER_WORKERS="4", INVOICER_STATUS_INTERVAL="0.2",
-                      INVOICER_PROCESSING_DELAY_MS="2")
+                      INVOICER_PROCESSING_DELAY_MS="2", INVOICER_SOURCE="demo")
     manager.systemctl("start", UNIT)
     first = status(manager)
     assert ": 4 workers, " in first["StatusText"]
@@ -93,7 +93,7 @@ def test_installed_unit_starts_reloads_and_stops(manager: UserManager) -> None:
     assert "/usr/bin/invoicer" in Path(f"/proc/{main}/cmdline").read_text()
     wait_until(lambda: rate_of(status(manager)["StatusText"]) > 0, what="a rate")
     write_environment(manager, INVOICER_WORKERS="7", INVOICER_STATUS_INTERVAL="0.2",
-                      INVOICER_PROCESSING_DELAY_MS="2")
+                      INVOICER_PROCESSING_DELAY_MS="2", INVOICER_SOURCE="demo")
     manager.systemctl("reload", UNIT)
     after = status(manager)
     assert after["MainPID"] == main

@@ -24,7 +24,8 @@ from tests.systemd_harness import UserManager, missing_requirements
 pytestmark = pytest.mark.systemd
 
 UNIT = "invoicer.service"
-# Only what a user manager cannot do, and where ExecStart finds the test install (DESIGN §6).
+# Only what a user manager cannot do, where ExecStart finds the test install (DESIGN §6), and the
+# tests' own environment.
 DROP_IN = """\
 [Service]
 ExecStart=
