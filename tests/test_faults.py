@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from invoicer.processing import sample_invoice
 from invoicer.storage import Storage
 from tests.conftest import (
     Daemon,
@@ -314,9 +315,11 @@ def test_failed_invoices_listed_and_retried(tmp_path: Path, start_daemon: StartD
     after = assert_gap_free(database)
     assert after.failed == 0
     with sqlite3.connect(database) as connection:
-        attempts = connection.execute("SELECT attempts FROM invoices WHERE id = 5").fetchone()[0]
+        attempts, document, order_id = connection.execute(
+            "SELECT attempts, document, order_id FROM invoices WHERE id = 5").fetchone()
     connection.close()
     assert attempts == 4  # three that failed, one that worked
+    assert (document, order_id) == (sample_invoice(5).document, None)  # no order: retried with the demo one
 
 
 def test_stored_in_status_reads_the_total() -> None:
