@@ -54,6 +54,25 @@ def test_installed_files() -> None:
     assert "/etc/default/invoicer" in conffiles
     assert subprocess.run(["man", "-w", "invoicer"], capture_output=True, text=True,
                           check=True).stdout.strip() == "/usr/share/man/man8/invoicer.8.gz"
+    assert Path("/usr/share/doc/invoicer/examples/orders.jsonl").is_file()
+
+
+def test_installed_unit_idles_by_default_and_invoices_submitted_orders(manager: UserManager) -> None:
+    """With the shipped defaults the service makes no invoice of its own; submitted orders it invoices."""
+    write_environment(manager, INVOICER_STATUS_INTERVAL="0.2")
+    manager.systemctl("start", UNIT)
+    wait_until(lambda: status(manager)["StatusText"].startswith("idle: "), what="STATUS idle")
+    assert " 0 stored," in status(manager)["StatusText"]
+    submitted = subprocess.run(
+        ["/usr/bin/invoicer", "submit", "/usr/share/doc/invoicer/examples/orders.jsonl"],
+        env={**daemon_env(database(manager)), "INVOICER_SOURCE": "orders"}, capture_output=True,
+        text=True, check=False)
+    assert submitted.returncode == 0, submitted.stderr
+    wait_until(lambda: " 20 stored," in status(manager)["StatusText"], what="20 stored")
+    wait_until(lambda: status(manager)["StatusText"].startswith("idle: "), what="idle again")
+    manager.systemctl("stop", UNIT)
+    assert status(manager)["Result"] == "success"
+    assert assert_gap_free(database(manager)).count == 20
 
 
 def test_installed_unit_verifies_clean() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import tempfile
 import threading
@@ -20,7 +21,7 @@ from invoicer.orders import DEFAULT_MAX_ORDER_BYTES, InvalidOrder, check_order, 
 from invoicer.pipeline import Part, failed_row, invoice_values
 from invoicer.pipeline.writer import StoredRuns
 from invoicer.processing import build_invoice
-from invoicer.storage import Batch, Storage, StorageError, submit_orders
+from invoicer.storage import Batch, ClaimConflictError, Storage, submit_orders
 
 LIMIT = DEFAULT_MAX_ORDER_BYTES
 
@@ -214,30 +215,79 @@ def test_an_order_failing_its_check_at_recovery_is_stored_failed_under_its_numbe
     row = failed.batch.failed[0]
     assert row[0] == 2
     assert row[10] == ids[1]
-    assert row[8] == f"InvalidOrder: order {ids[1]} no longer valid: reference: PO-1 is blocked"
+    assert row[8] == f"InvalidOrder: order {ids[1]} no longer passes its check: reference: PO-1 is blocked"
 
 
-def test_a_paired_order_cannot_be_changed_or_deleted(storage: Storage) -> None:
-    """Recovery reprocesses the paired order under its number, so the database keeps it as it was."""
-    submit(storage.path, [payload(1), payload(2)])
-    assert source(storage).take(1) is not None
+def test_payloads_never_change_and_paired_orders_stay(storage: Storage) -> None:
+    """A claim reads payloads before it pairs them and recovery reads them again: they must not change."""
+    submit(storage.path, [payload(1), payload(2), payload(3)])
+    chunk = source(storage).take(1)
+    assert chunk is not None
+    commit(storage, [chunk])  # order 1 invoiced, 2 and 3 paired (claimed), none waiting
+    submit(storage.path, [payload(4)])
     with sqlite3.connect(storage.path) as connection:
-        with pytest.raises(sqlite3.IntegrityError, match="cannot change"):
-            connection.execute("UPDATE orders SET payload = '{}' WHERE id = 1")
-        with pytest.raises(sqlite3.IntegrityError, match="cannot be deleted"):
-            connection.execute("DELETE FROM orders WHERE id = 1")
+        for order_id in (1, 2, 4):  # invoiced, paired, waiting
+            with pytest.raises(sqlite3.IntegrityError, match="payload cannot change"):
+                connection.execute("UPDATE orders SET payload = '{}' WHERE id = ?", (order_id,))
+        for order_id in (1, 2):
+            with pytest.raises(sqlite3.IntegrityError, match="cannot be deleted"):
+                connection.execute("DELETE FROM orders WHERE id = ?", (order_id,))
+        with pytest.raises(sqlite3.IntegrityError, match="invoice number cannot change"):
+            connection.execute("UPDATE orders SET invoice_id = NULL WHERE id = 1")
+        connection.execute("DELETE FROM orders WHERE id = 4")  # a waiting order may be withdrawn
     connection.close()
+    storage.release(1)  # the daemon's own unpairing of numbers never handed out still works
+    assert pairs(storage.path) == {1: 1}
 
 
-def test_a_claim_refuses_orders_another_program_took_meanwhile(storage: Storage) -> None:
+def test_a_claim_rolls_back_when_another_program_deletes_a_waiting_order(storage: Storage) -> None:
     submit(storage.path, [payload(1), payload(2)])
     with sqlite3.connect(storage.path) as connection:
         connection.execute("DELETE FROM orders WHERE id = 2")
     connection.close()
-    with pytest.raises(StorageError, match="1 of 2 orders changed while being claimed"):
+    with pytest.raises(ClaimConflictError, match="1 of 2 orders went away while being claimed"):
         storage.claim_orders([1, 2], [])
     assert pairs(storage.path) == {}
     assert storage.recovery_plan().high_water == 0  # rolled back: no number taken
+
+
+def test_a_source_reads_again_after_a_waiting_order_is_deleted_mid_claim(storage: Storage) -> None:
+    """The deletion lands between the read and the pairing: that claim is dropped, the next one pairs."""
+    ids = submit(storage.path, [payload(i) for i in range(5)])
+    read = storage.waiting_orders
+
+    def read_then_delete(*args: int) -> list[tuple[int, str | None, int]]:
+        waiting = read(*args)
+        with sqlite3.connect(storage.path) as connection:
+            connection.execute("DELETE FROM orders WHERE id = ?", (ids[2],))
+        connection.close()
+        storage.waiting_orders = read  # type: ignore[method-assign]
+        return waiting
+
+    storage.waiting_orders = read_then_delete  # type: ignore[method-assign]
+    orders = source(storage)
+    assert orders.take(10) is None
+    chunk = orders.take(10)
+    assert chunk is not None
+    assert list(chunk) == [1, 2, 3, 4]
+    assert [request.order_id for request in chunk.requests] == [ids[0], ids[1], ids[3], ids[4]]
+
+
+def test_a_check_that_breaks_rejects_the_order_and_says_so(storage: Storage) -> None:
+    """A plugin's check_order that raises something else than InvalidOrder refuses that order only."""
+    ids = submit(storage.path, [payload(1), payload(2)])
+
+    def broken(text: str, *, max_bytes: int) -> dict[str, object]:
+        order = check_order(text, max_bytes=max_bytes)
+        if order["reference"] == "PO-2":
+            raise KeyError("tax_id")
+        return order
+
+    orders = OrderSource(storage, 0, ByteBudget(1 << 20), broken, max_order_bytes=LIMIT)
+    chunk = orders.take(10)
+    assert chunk is not None
+    assert [request.order_id for request in chunk.requests] == [ids[0]]
+    assert storage.rejected_orders()[0][::2] == (ids[1], "check_order failed: KeyError: 'tax_id'")
 
 
 def test_an_invoice_row_names_its_order_and_only_once(storage: Storage) -> None:
@@ -405,3 +455,14 @@ def check_random_orders(database: Path, data: st.DataObject) -> None:  # noqa: P
     assert len(numbers) == len(valid)
     # One instance: numbers follow submission order.
     assert [invoices[order_id] for order_id in valid] == sorted(invoices.values())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, as `invoicer submit` on an installed system")
+def test_a_database_root_creates_belongs_to_its_directory_owner(tmp_path: Path) -> None:
+    """Submitting as root into the daemon's directory must not leave it a file it cannot open."""
+    directory = tmp_path / "state"
+    directory.mkdir()
+    os.chown(directory, 65534, 65534)
+    submit_orders(directory / "invoices.db", [payload(1)])
+    assert (os.stat(directory / "invoices.db").st_uid, os.stat(directory / "invoices.db").st_gid) == (
+        65534, 65534)

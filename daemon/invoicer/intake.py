@@ -26,7 +26,7 @@ from typing import Any, overload
 from invoicer.generator import InvoiceNumberGenerator
 from invoicer.orders import InvalidOrder
 from invoicer.processing import InvoiceRequest
-from invoicer.storage import Batch, Row, Storage
+from invoicer.storage import Batch, ClaimConflictError, Row, Storage
 
 log = logging.getLogger("invoicer")
 
@@ -73,6 +73,15 @@ class OrderChunk(Sequence[int]):
 
     def __repr__(self) -> str:
         return f"OrderChunk({self.numbers.start}..{self.numbers.stop - 1})"
+
+
+def refusal(exc: Exception) -> str:
+    """Say why an order is refused: an InvalidOrder's message, or what went wrong in the check."""
+    if isinstance(exc, InvalidOrder):
+        return str(exc)
+    log.error("the processor's check_order raised %s instead of InvalidOrder", type(exc).__name__,
+              exc_info=exc)
+    return " ".join(f"check_order failed: {type(exc).__name__}: {exc}".split())[:2000]
 
 
 def weight_of(numbers: object) -> int:
@@ -299,11 +308,15 @@ class OrderSource:
                 continue
             try:
                 valid.append((order_id, self._check(payload, max_bytes=self._max_bytes), size))
-            except InvalidOrder as exc:
-                rejected.append((order_id, str(exc)))
+            except Exception as exc:  # a plugin's check that breaks refuses the order
+                rejected.append((order_id, refusal(exc)))
                 continue
             taken += size
-        first, last = self._storage.claim_orders([order_id for order_id, _, _ in valid], rejected)
+        try:
+            first, last = self._storage.claim_orders([order_id for order_id, _, _ in valid], rejected)
+        except ClaimConflictError as exc:  # another program deleted a waiting order: read them again
+            log.info("claim rolled back and tried again: %s", exc)
+            return None
         for order_id, reason in rejected:
             log.warning("order %d rejected before numbering: %s", order_id, reason,
                         extra={"order": order_id, "reason": reason})
@@ -382,11 +395,11 @@ class Recovery:
             size = len(payload.encode("utf-8", "surrogatepass"))
             try:
                 order = self._check(payload, max_bytes=max(self._max_bytes, size))
-            except InvalidOrder as exc:
+            except Exception as exc:  # stored as failed, keeping its number
                 if requests:
                     out.append(OrderChunk(range(start, number), requests, sizes))
-                row: Row = failed_row(number, InvalidOrder(f"order {order_id} no longer valid: {exc}"), 0,
-                                      order_id)
+                error = InvalidOrder(f"order {order_id} no longer passes its check: {refusal(exc)}")
+                row: Row = failed_row(number, error, 0, order_id)
                 out.append(Part(range(number, number + 1), Batch(failed=[row])))
                 requests, sizes, start = [], [], number + 1
                 continue

@@ -9,6 +9,7 @@ from typing import TextIO
 
 from invoicer import processing
 from invoicer.config import Config, load_processor
+from invoicer.intake import refusal
 from invoicer.orders import InvalidOrder
 from invoicer.pipeline import failed_row, process_with_retries
 from invoicer.processing import InvoiceRequest, demo_request, order_checker
@@ -76,8 +77,9 @@ def _retry_one(storage: Storage, processor: Callable[[InvoiceRequest], object],
     order_id, payload = paired
     try:
         order = check(payload, max_bytes=len(payload.encode("utf-8", "surrogatepass")))
-    except InvalidOrder as exc:  # edited by hand since: the invoice stays failed, saying why
-        return failed_row(number, InvalidOrder(f"order {order_id} no longer valid: {exc}"), 0, order_id)
+    except Exception as exc:  # the check changed since: the invoice stays failed, saying why
+        error = InvalidOrder(f"order {order_id} no longer passes its check: {refusal(exc)}")
+        return failed_row(number, error, 0, order_id)
     return process_with_retries(processor, InvoiceRequest(number, order_id, order), "retry")
 
 
@@ -107,8 +109,8 @@ def read_orders(lines: Iterable[bytes], source: str, check: Callable[..., object
             continue
         try:
             check(text, max_bytes=max_bytes)
-        except InvalidOrder as exc:
-            raise SubmitError(f"{source}, line {number}: {exc}", EX_DATAERR) from None
+        except Exception as exc:  # a broken check refuses the line, in one line
+            raise SubmitError(f"{source}, line {number}: {refusal(exc)}", EX_DATAERR) from None
         payloads.append(text)
     return payloads
 
@@ -129,7 +131,8 @@ def submit(config: Config, path: str, out: TextIO = sys.stdout) -> int:
         print(f"no orders in {source}: nothing submitted", file=out)
         return EX_OK
     first, last = submit_orders(config.database, payloads)
-    print(f"submitted {len(payloads)} orders (ids {first}..{last}) to {config.database}", file=out)
+    noun = "order" if len(payloads) == 1 else "orders"
+    print(f"submitted {len(payloads)} {noun} (ids {first}..{last}) to {config.database}", file=out)
     return EX_OK
 
 

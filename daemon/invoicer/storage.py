@@ -83,13 +83,20 @@ INDEXES = (
     # The claim reads the waiting orders in submission order through this; claimed ones leave it.
     "CREATE INDEX IF NOT EXISTS orders_waiting ON orders (id) WHERE invoice_id IS NULL AND rejected IS NULL",
     "CREATE INDEX IF NOT EXISTS orders_rejected ON orders (id) WHERE rejected IS NOT NULL",
-    # A paired order is what recovery reprocesses under its number: it must not change or go away.
-    """CREATE TRIGGER IF NOT EXISTS orders_paired_fixed BEFORE UPDATE OF payload ON orders
-        WHEN OLD.invoice_id IS NOT NULL
-        BEGIN SELECT RAISE(ABORT, 'order has an invoice number; its payload cannot change'); END""",
+    # A payload never changes: a claim reads it before the transaction that pairs it, and recovery
+    # reprocesses it under its number, so an edit could be invoiced in one version and stored in another.
+    """CREATE TRIGGER IF NOT EXISTS orders_payload_fixed BEFORE UPDATE OF payload ON orders
+        BEGIN SELECT RAISE(ABORT, 'payload cannot change: submit a new order (a waiting one may be deleted)');
+        END""",
+    # A paired order must not go away, nor an invoiced one lose or change its number (release unpairs
+    # only numbers never handed out, which have no invoice).
     """CREATE TRIGGER IF NOT EXISTS orders_paired_kept BEFORE DELETE ON orders
         WHEN OLD.invoice_id IS NOT NULL
         BEGIN SELECT RAISE(ABORT, 'order has an invoice number; it cannot be deleted'); END""",
+    """CREATE TRIGGER IF NOT EXISTS orders_invoiced_fixed BEFORE UPDATE OF invoice_id ON orders
+        WHEN OLD.invoice_id IS NOT NULL AND NEW.invoice_id IS NOT OLD.invoice_id
+            AND EXISTS (SELECT 1 FROM invoices WHERE id = OLD.invoice_id)
+        BEGIN SELECT RAISE(ABORT, 'order is invoiced; its invoice number cannot change'); END""",
 )
 SCHEMA = (*TABLES, *INDEXES)
 # Statements that insert many rows: an INSERT ... SELECT from a VALUES list of ``?`` rows, sized to a
@@ -220,6 +227,10 @@ def _insert_statement(select: str, width: int, rows: int) -> str:
 def _padded_size(rows: int) -> int:
     """Return the power of two at or above ``rows``: the statement size that carries them."""
     return 1 << (rows - 1).bit_length()
+
+
+class ClaimConflictError(Exception):
+    """Orders being claimed changed meanwhile; the claim was rolled back and can be tried again."""
 
 
 class StorageError(Exception):
@@ -564,8 +575,9 @@ class Storage:
                      rejected: Sequence[tuple[int, str]]) -> tuple[int, int]:
         """Pair ``order_ids`` with the next numbers and mark ``rejected`` (id, reason), in one transaction.
 
-        Returns the first and last number (last < first when none was paired). Raises StorageError if
-        an order changed meanwhile (paired, rejected or deleted by another program).
+        Returns the first and last number (last < first when none was paired). Raises
+        ClaimConflictError, having changed nothing, if an order went away meanwhile (deleted by another
+        program while it waited).
         """
         count = len(order_ids)
 
@@ -576,9 +588,9 @@ class Storage:
                 return int(cursor.execute(SELECT_MARKS).fetchone()[0])
             last = int(cursor.execute(RAISE_HIGH_WATER, (count,)).fetchone()[0])
             cursor.execute(PAIR_ORDERS, (last - count + 1, json.dumps(list(order_ids))))
-            if cursor.rowcount != count:
-                raise StorageError(f"database {self.path}: {count - cursor.rowcount} of {count} orders "
-                                   "changed while being claimed; is another program pairing orders?")
+            if cursor.rowcount != count:  # deleted (or rejected, paired) by another program meanwhile
+                raise ClaimConflictError(f"{count - cursor.rowcount} of {count} orders went away while "
+                                         "being claimed")
             return last
         last: int = self._write(claim, "claiming orders")
         return last - count + 1, last
@@ -697,9 +709,12 @@ def submit_orders(path: Path, payloads: Sequence[str]) -> tuple[int, int]:
     if _schema_version(path) < SCHEMA_VERSION:
         # A new database (the quick start submits before the first run), or one from before orders:
         # create or upgrade the schema as the daemon would. A running daemon has done it already.
+        created = not path.exists()
         storage = Storage(path)
         storage.open()
         storage.close()
+        if created:
+            _own_like_directory(path)
     try:
         connection = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
     except sqlite3.Error as exc:
@@ -719,6 +734,16 @@ def submit_orders(path: Path, payloads: Sequence[str]) -> tuple[int, int]:
     finally:
         connection.close()
     return last - len(payloads) + 1, last
+
+
+def _own_like_directory(path: Path) -> None:
+    """Give a database root just created to its directory's owner: the daemon's user must open it."""
+    if os.geteuid() != 0:
+        return
+    directory = os.stat(path.parent)
+    if directory.st_uid != 0:
+        with contextlib.suppress(OSError):  # best effort: the daemon names the problem if it remains
+            os.chown(path, directory.st_uid, directory.st_gid)
 
 
 def _schema_version(path: Path) -> int:

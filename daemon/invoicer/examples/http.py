@@ -15,7 +15,7 @@ already called it for: after a processor error (the pool retries), after a crash
 processes every number that was not committed, including ones whose POST had arrived), and on
 ``invoicer retry``. This module also repeats a request itself after a timeout, where the first one may
 well have been received. Every request for invoice N therefore carries ``Idempotency-Key: N`` and the same
-document (it is built deterministically from N), so a service that honours the header
+document (it is built deterministically from N and its order), so a service that honours the header
 (draft-ietf-httpapi-idempotency-key-header) records the invoice once and answers repeats with the first
 result. Against a service that ignores the header, a repeat can register an invoice twice.
 
