@@ -460,6 +460,21 @@ def test_a_schema_2_database_gains_orders(tmp_path: Path) -> None:
         again.close()
 
 
+def test_a_database_from_a_newer_invoicer_is_refused_untouched(tmp_path: Path) -> None:
+    """A schema version above this invoicer's is refused naming both; nothing is created or downgraded."""
+    path = tmp_path / "new.db"
+    with sqlite3.connect(path) as connection:
+        connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    connection.close()
+    with pytest.raises(StorageError, match=rf"schema version {SCHEMA_VERSION + 1}, newer than this "
+                                           rf"invoicer's {SCHEMA_VERSION}; upgrade invoicer"):
+        Storage(path).open()
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
+        assert connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+    connection.close()
+
+
 def test_recovery_counts_a_row_inside_a_gap_as_stored(storage: Storage) -> None:
     """A row in a gap the saved runs do not know (written by hand) is found and never processed again."""
     storage.reserve(10)
