@@ -183,8 +183,8 @@ def test_release_unpairs_the_orders_of_the_numbers_it_gives_back(storage: Storag
     assert storage.claim_orders([1, 2, 3, 4], []) == (1, 4)
     storage.release(2)
     assert storage.recovery_plan().high_water == 2
-    assert storage.paired_orders(1, 4) == [(1, 1, '{"n":0}'), (2, 2, '{"n":1}')]
-    assert storage.waiting_orders(10, 1024) == [(3, '{"n":2}', 7), (4, '{"n":3}', 7)]
+    assert storage.paired_orders(1, 4) == [(1, 1, b'{"n":0}'), (2, 2, b'{"n":1}')]
+    assert storage.waiting_orders(10, 1024) == [(3, b'{"n":2}', 7), (4, b'{"n":3}', 7)]
 
 
 def test_rows_above_the_mark_are_covered(storage: Storage) -> None:
@@ -455,7 +455,7 @@ def test_a_schema_2_database_gains_orders(tmp_path: Path) -> None:
             connection.execute("INSERT INTO orders (payload) VALUES ('{}')")
         connection.close()
         assert again.claim_orders([1], []) == (21, 21)  # the orders table works like a new one's
-        assert again.paired_orders(21, 21) == [(21, 1, "{}")]
+        assert again.paired_orders(21, 21) == [(21, 1, b"{}")]
     finally:
         again.close()
 

@@ -64,7 +64,7 @@ class Daemon:
         self.config = config
         self._processor = processor
         self._notifier = notifier or Notifier()
-        self._storage = Storage(config.database)
+        self._storage = Storage(config.database, patient=True)
         # Signal handlers and failing threads only record here; the main thread acts on it.
         self._events: queue.SimpleQueue[tuple[str, Any, Any]] = queue.SimpleQueue()
         self._state = "starting"
@@ -96,6 +96,7 @@ class Daemon:
             log.warning("%s; reload will not be able to tell its variables from the rest", exc)
         try:
             self._storage.open()
+            self._storage.open_reader()
             plan = self._storage.recovery_plan()
         except StorageError as exc:
             log.error("%s", exc, extra={"exit_code": exc.exit_code})
@@ -215,7 +216,7 @@ class Daemon:
 
     def _main_loop(self) -> int:
         while True:
-            kind, what, detail = self._events.get()
+            kind, what, detail = self._next_event()
             if kind == "signal" and what in STOP_SIGNALS:
                 self._stop_signal_at = detail
                 return self._shutdown(signal.Signals(what).name)
@@ -223,6 +224,15 @@ class Daemon:
                 self._reload()
             if kind == "fatal":
                 self._die(f"{what} failed: {detail}", detail)
+
+    def _next_event(self) -> tuple[str, Any, Any]:
+        # A timeout, not a bare get(): a get() blocked in the lock did not always let the interpreter
+        # run the SIGTERM handler that would wake it (1 stop in 10 hung, found by the test suite).
+        while True:
+            try:
+                return self._events.get(timeout=WAIT_STEP_S * 10)
+            except queue.Empty:
+                continue
 
     # -- reload ---------------------------------------------------------------------------------------
 
@@ -351,9 +361,9 @@ class Daemon:
 
     def _abandon(self, reason: str, exit_code: int) -> None:
         snapshot = self._snapshot()
+        owed = snapshot.pending + getattr(self._source, "claimed_ahead", 0)
         log.warning("%s: stopping at once; %d unfinished invoice numbers will be recovered at the next "
-                    "start", reason, snapshot.pending, extra={"pending": snapshot.pending,
-                                                              "exit_code": exit_code})
+                    "start", reason, owed, extra={"pending": owed, "exit_code": exit_code})
         self._notifier.status(f"stopped at once: {snapshot.pending:,} left for recovery")
         end_process(exit_code)
 

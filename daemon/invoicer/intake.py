@@ -75,10 +75,18 @@ class OrderChunk(Sequence[int]):
         return f"OrderChunk({self.numbers.start}..{self.numbers.stop - 1})"
 
 
+def decode_payload(payload: bytes) -> str:
+    """Return a stored payload as text; InvalidOrder if it is not UTF-8."""
+    try:
+        return payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidOrder(f"payload is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
 def refusal(exc: Exception) -> str:
     """Say why an order is refused: an InvalidOrder's message, or what went wrong in the check."""
     if isinstance(exc, InvalidOrder):
-        return str(exc)
+        return " ".join(str(exc).split())[:2000]  # one line, whatever a plugin's message holds
     log.error("the processor's check_order raised %s instead of InvalidOrder", type(exc).__name__,
               exc_info=exc)
     return " ".join(f"check_order failed: {type(exc).__name__}: {exc}".split())[:2000]
@@ -289,8 +297,8 @@ class OrderSource:
         if room <= 0:
             self._budget.wait_room(1, IDLE_POLL_S)
             return None
-        self._adapt_block()
-        waiting = self._storage.waiting_orders(self._block, self._max_bytes, room)
+        block = self._block
+        waiting = self._storage.waiting_orders(block, self._max_bytes, room)
         if not waiting:
             self.idle = True
             return None
@@ -300,14 +308,15 @@ class OrderSource:
         taken = 0
         alone = self._budget.used == 0  # then an order larger than the room may go, by itself
         for order_id, payload, size in waiting:
-            if taken + size > room and (valid or not alone):
-                break  # the rest waits for room
-            if payload is None:
+            if payload is None:  # over the size limit: refused without being read, whatever the room
                 rejected.append((order_id, f"order is {size:,} bytes, over the limit of "
                                            f"{self._max_bytes:,} bytes"))
                 continue
+            if taken + size > room and (valid or not alone):
+                break  # the rest waits for room
             try:
-                valid.append((order_id, self._check(payload, max_bytes=self._max_bytes), size))
+                valid.append((order_id, self._check(decode_payload(payload), max_bytes=self._max_bytes),
+                              size))
             except Exception as exc:  # a plugin's check that breaks refuses the order
                 rejected.append((order_id, refusal(exc)))
                 continue
@@ -321,6 +330,7 @@ class OrderSource:
             log.warning("order %d rejected before numbering: %s", order_id, reason,
                         extra={"order": order_id, "reason": reason})
         self.rejected_total += len(rejected)
+        self._adapt_block(full=len(waiting) == block)
         if not valid:
             return None
         if first != self._reserved_last + 1:
@@ -334,15 +344,25 @@ class OrderSource:
                                     for number, (order_id, order, _) in zip(numbers, valid, strict=True)],
                           [size for _, _, size in valid])
 
-    def _adapt_block(self) -> None:
+    def _adapt_block(self, *, full: bool) -> None:
+        """Grow the block while full claims come faster than CLAIM_SECONDS; shrink when they are slow.
+
+        Only a claim that found a full block of orders waiting says anything about the backlog: idle
+        polls, which find few or none, leave the block as it is.
+        """
         now = self._clock()
-        if self._claimed_at is not None:
+        if full and self._claimed_at is not None:
             lasted = now - self._claimed_at
             if lasted < CLAIM_SECONDS:
                 self._block = min(MAX_CLAIM, self._block * 2)
             elif lasted > 4 * CLAIM_SECONDS:
                 self._block = max(MIN_CLAIM, self._block // 2)
-        self._claimed_at = now
+        self._claimed_at = now if full else None
+
+    @property
+    def claimed_ahead(self) -> int:
+        """Numbers claimed and not handed out (given back at a stop, recovered after a crash)."""
+        return self._reserved_last - self.last_issued
 
     def recover(self, numbers: range) -> list[Recovered]:
         """Return the work for recovered ``numbers`` (see :class:`Recovery`)."""
@@ -377,7 +397,7 @@ class Recovery:
         from invoicer.pipeline import Part, failed_row  # noqa: PLC0415  # the pipeline imports this module
         from invoicer.processing import demo_request  # noqa: PLC0415
 
-        paired: dict[int, tuple[int | None, str | None]] = {
+        paired: dict[int, tuple[int | None, bytes | None]] = {
             number: (order_id, payload) for number, order_id, payload
             in self._storage.paired_orders(numbers.start, numbers[-1])}
         if not paired:
@@ -392,9 +412,9 @@ class Recovery:
                 requests.append(demo_request(number))
                 sizes.append(0)
                 continue
-            size = len(payload.encode("utf-8", "surrogatepass"))
+            size = len(payload)
             try:
-                order = self._check(payload, max_bytes=max(self._max_bytes, size))
+                order = self._check(decode_payload(payload), max_bytes=max(self._max_bytes, size))
             except Exception as exc:  # stored as failed, keeping its number
                 if requests:
                     out.append(OrderChunk(range(start, number), requests, sizes))

@@ -119,8 +119,14 @@ class OutageBreaker:
             self._cleared.discard(number)
             self.tracking = bool(self._suspects or self._cleared)
 
-    def failure(self, number: int, exc: BaseException, *, started: float, probe: bool = False) -> bool:
-        """Record that a call for ``number`` failed; True if an outage is on (the attempt must not count)."""
+    def failure(self, number: int, exc: BaseException, *, started: float, probe: bool = False,
+                in_flight: int | None = None) -> bool:
+        """Record that a call for ``number`` failed; True if an outage is on (the attempt must not count).
+
+        ``in_flight``: how many invoices the consumers hold now. When fewer than the threshold are in
+        flight (large orders under a small byte budget, one worker), all of them failing is enough, but
+        never fewer than two different invoices.
+        """
         with self._cond:
             if not is_outage(exc):  # about this invoice, not the service
                 if self.paused and probe:  # and the service did answer the probe
@@ -137,7 +143,8 @@ class OutageBreaker:
             if number not in self._cleared and started >= self._last_success:  # else: from before a success
                 self._suspects.setdefault(number, started)
             self.tracking = True
-            if len(self._suspects) < self.threshold:
+            threshold = self.threshold if in_flight is None else max(2, min(self.threshold, in_flight))
+            if len(self._suspects) < threshold:
                 return False
             self.paused = True
             self.error = describe(exc)
@@ -146,7 +153,7 @@ class OutageBreaker:
             self._next_probe = self._paused_at + self._backoff
             self._backoff *= 2
             log.warning("processor calls fail for %d different invoices and none succeeds: an outage, "
-                        "not bad invoices; intake paused, probing with backoff: %s", self.threshold,
+                        "not bad invoices; intake paused, probing with backoff: %s", len(self._suspects),
                         self.error, extra={"event": "paused", "error": self.error})
             return True
 

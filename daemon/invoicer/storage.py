@@ -27,6 +27,7 @@ import fcntl
 import functools
 import itertools
 import json
+import logging
 import os
 import sqlite3
 import struct
@@ -34,6 +35,8 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
+
+log = logging.getLogger("invoicer")
 
 SCHEMA_VERSION = 3
 BUSY_TIMEOUT_S = 5.0
@@ -62,12 +65,16 @@ TABLES = (
     "INSERT OR IGNORE INTO sequence (id, high_water, stored_through) VALUES (1, 0, 0)",
     # Submitted by any program with INSERT INTO orders (payload) VALUES (?). invoice_id is the number the
     # order was paired with when the daemon claimed it; rejected, why it was refused without a number.
+    # AUTOINCREMENT: an id is never used twice, so an order deleted while a claim reads it cannot come
+    # back as another order under the same id. bytes is the payload's size, stored once at insert, so
+    # that a claim finds what fits in the byte budget without reading payloads it will not take.
     f"""CREATE TABLE IF NOT EXISTS orders (
-        id INTEGER PRIMARY KEY,
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
         payload TEXT NOT NULL,
         submitted_at TEXT NOT NULL DEFAULT ({SUBMITTED_AT}),
         invoice_id INTEGER,
         rejected TEXT,
+        bytes INTEGER GENERATED ALWAYS AS (length(CAST(payload AS BLOB))) STORED,
         CHECK (invoice_id IS NULL OR rejected IS NULL)
     )""",
 )
@@ -81,7 +88,8 @@ INDEXES = (
     # every claim (77 invoices/s on a backlog of 200,000).
     "CREATE UNIQUE INDEX IF NOT EXISTS orders_invoice ON orders (invoice_id) WHERE invoice_id IS NOT NULL",
     # The claim reads the waiting orders in submission order through this; claimed ones leave it.
-    "CREATE INDEX IF NOT EXISTS orders_waiting ON orders (id) WHERE invoice_id IS NULL AND rejected IS NULL",
+    "CREATE INDEX IF NOT EXISTS orders_waiting ON orders (id, bytes)"
+    " WHERE invoice_id IS NULL AND rejected IS NULL",
     "CREATE INDEX IF NOT EXISTS orders_rejected ON orders (id) WHERE rejected IS NOT NULL",
     # A payload never changes: a claim reads it before the transaction that pairs it, and recovery
     # reprocesses it under its number, so an edit could be invoiced in one version and stored in another.
@@ -139,29 +147,31 @@ REPLACE_FAILED = (
 )
 SET_HIGH_WATER_AT_LEAST = "UPDATE sequence SET high_water = ? WHERE id = 1 AND high_water < ?"
 ADD_ORDER_COLUMN = "ALTER TABLE invoices ADD COLUMN order_id INTEGER REFERENCES orders (id)"
-# The waiting orders, oldest first, as long as their payloads add up to at most :room + :max bytes; a
-# payload over :max is not read out. One row holds them all (ids, byte sizes, character lengths, and the
-# payloads end to end): sqlite3 lets go of the GIL for every row it steps to, and winning it back from
-# a busy consumer thread can take a switch interval each time.
+# The waiting orders, oldest first, that begin within :room bytes of payload (so the one that crosses it
+# too); a payload over :max is not read out. Sizes come from the index, payloads are read for these rows
+# only. One row holds them all (ids, byte sizes, and the payloads' bytes end to end): sqlite3 lets go of
+# the GIL for every row it steps to, and winning it back from a busy consumer thread can take a switch
+# interval each time. Bytes, not text: a payload stored as a BLOB, holding a NUL or not UTF-8 must not
+# shift the others, nor fail the whole read (each is decoded, or refused, on its own).
 SELECT_WAITING = """
-    SELECT group_concat(id), group_concat(bytes), group_concat(chars), group_concat(text, '') FROM (
-        SELECT id, bytes, iif(bytes <= :max, length(payload), 0) AS chars,
-               iif(bytes <= :max, payload, '') AS text,
-               sum(iif(bytes <= :max, bytes, 0)) OVER (ORDER BY id ROWS UNBOUNDED PRECEDING) AS running
-        FROM (SELECT id, payload, length(CAST(payload AS BLOB)) AS bytes FROM orders
-              WHERE invoice_id IS NULL AND rejected IS NULL ORDER BY id LIMIT :limit)
-        ORDER BY id)
-    WHERE running <= :room + :max"""
+    SELECT group_concat(o.id), group_concat(o.bytes),
+           CAST(group_concat(iif(o.bytes <= :max, CAST(o.payload AS BLOB), x''), '') AS BLOB)
+    FROM (SELECT id, iif(bytes <= :max, bytes, 0) AS own,
+                 sum(iif(bytes <= :max, bytes, 0)) OVER (ORDER BY id ROWS UNBOUNDED PRECEDING) AS running
+          FROM (SELECT id, bytes FROM orders INDEXED BY orders_waiting
+                WHERE invoice_id IS NULL AND rejected IS NULL ORDER BY id LIMIT :limit)) AS w
+    CROSS JOIN orders AS o ON o.id = w.id
+    WHERE w.running - w.own < :room"""
 # Pairs the claimed orders (a JSON array of ids, in order) with consecutive numbers from the first one.
 PAIR_ORDERS = ("UPDATE orders SET invoice_id = ? + claimed.key FROM json_each(?) AS claimed"
                " WHERE orders.id = claimed.value AND orders.invoice_id IS NULL AND orders.rejected IS NULL")
 REJECT_ORDER = "UPDATE orders SET rejected = ? WHERE id = ? AND invoice_id IS NULL"
-SELECT_PAIRED = ("SELECT invoice_id, id, payload FROM orders WHERE invoice_id BETWEEN ? AND ?"
+SELECT_PAIRED = ("SELECT invoice_id, id, CAST(payload AS BLOB) FROM orders WHERE invoice_id BETWEEN ? AND ?"
                  " ORDER BY invoice_id")
 UNPAIR_ABOVE = "UPDATE orders SET invoice_id = NULL WHERE invoice_id > ?"
 INSERT_ORDER = "INSERT INTO orders (payload) VALUES (?)"
 SELECT_REJECTED = "SELECT id, submitted_at, rejected FROM orders WHERE rejected IS NOT NULL ORDER BY id"
-SELECT_ORDER_OF = "SELECT id, payload FROM orders WHERE invoice_id = ?"
+SELECT_ORDER_OF = "SELECT id, CAST(payload AS BLOB) FROM orders WHERE invoice_id = ?"
 
 # What a processed invoice stores besides its literals: id, customer, currency, subtotal, tax, total,
 # document, attempts (OK_SELECT's order).
@@ -358,9 +368,19 @@ class Storage:
     Built without side effects; ``open()`` takes the instance lock, opens and checks the database.
     """
 
-    def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
+    def __init__(self, path: Path, *, synchronous: str = "FULL", patient: bool = False) -> None:
+        """Describe the database at ``path``; nothing is opened yet.
+
+        ``patient``: wait out another program's write lock however long it holds it (the daemon, whose
+        health check reports a write that waits too long) instead of failing after the busy timeout.
+        """
         self.path = path
         self._synchronous = synchronous
+        self._patient = patient
+        # Rule: _reader_lock guards _reader, a second connection for the claims' reads: a claim reads
+        # many payloads, and on the writer's connection the writer would wait for it.
+        self._reader_lock = threading.Lock()
+        self._reader: sqlite3.Connection | None = None
         # Rule: _lock guards _connection and every statement run on it. Any thread may take it (the
         # producer reserving numbers, the writer saving batches, the main thread opening, releasing and
         # closing); nobody holds it while doing anything but SQLite work.
@@ -462,7 +482,11 @@ class Storage:
         self._lock_fd = fd
 
     def close(self) -> None:
-        """Close the connection, then drop the instance lock; safe to call twice."""
+        """Close the connections, then drop the instance lock; safe to call twice."""
+        with self._reader_lock:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
         with self._lock:
             if self._connection is not None:
                 self._connection.close()
@@ -478,7 +502,7 @@ class Storage:
             if self._connection is None:
                 raise StorageError(f"database {self.path} is not open")
             cursor = self._connection.cursor()
-            cursor.execute("BEGIN IMMEDIATE")
+            self._begin(cursor)
             try:
                 yield cursor
             except BaseException:
@@ -486,6 +510,29 @@ class Storage:
                     cursor.execute("ROLLBACK")
                 raise
             cursor.execute("COMMIT")
+
+    def _begin(self, cursor: sqlite3.Cursor) -> None:
+        """BEGIN IMMEDIATE; a patient storage waits out another program's write lock, however long."""
+        waited = 0.0
+        while True:
+            try:
+                cursor.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if not self._patient or getattr(exc, "sqlite_errorname", "") not in ("SQLITE_BUSY",
+                                                                                     "SQLITE_LOCKED"):
+                    raise
+                waited += BUSY_TIMEOUT_S
+                log.warning("database %s is locked by another program (%gs so far); still waiting",
+                            self.path, waited, extra={"waited": waited})
+
+    def open_reader(self) -> None:
+        """Open the second connection the claims read through (the daemon's storage, after open())."""
+        try:
+            self._reader = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                           check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise describe_error(self.path, exc) from exc
 
     def _write(self, action: Any, doing: str) -> Any:
         """Run ``action(cursor)`` in a transaction; an error becomes a StorageError that names ``doing``."""
@@ -545,31 +592,40 @@ class Storage:
     # -- orders -------------------------------------------------------------------------------------------
 
     def waiting_orders(self, limit: int, max_bytes: int,
-                       room: int = 1 << 62) -> list[tuple[int, str | None, int]]:
+                       room: int = 1 << 62) -> list[tuple[int, bytes | None, int]]:
         """Return (id, payload, bytes) of waiting orders, oldest first (payload None: over ``max_bytes``).
 
-        At most ``limit`` orders, and only as many as fit in ``room`` bytes plus one more order.
+        At most ``limit`` orders, those that begin within ``room`` bytes. Payloads are the stored bytes
+        (UTF-8, unless a program stored something else). Read on a connection of its own, beside the
+        writer's transactions.
         """
-        with self._lock:
-            if self._connection is None:
-                raise StorageError(f"database {self.path} is not open")
-            try:
-                ids, sizes, lengths, texts = self._connection.execute(
-                    SELECT_WAITING, {"max": max_bytes, "limit": limit, "room": room}).fetchone()
-            except sqlite3.Error as exc:
-                raise describe_error(self.path, exc, "reading waiting orders") from exc
+        ids, sizes, joined = self._read(SELECT_WAITING, {"max": max_bytes, "limit": limit, "room": room},
+                                        "reading waiting orders")[0]
         if ids is None:
             return []
-        waiting: list[tuple[int, str | None, int]] = []
+        waiting: list[tuple[int, bytes | None, int]] = []
         position = 0
-        for order_id, size, length in zip(ids.split(","), sizes.split(","), lengths.split(","), strict=True):
-            chars = int(length)
+        for order_id, size in zip(ids.split(","), sizes.split(","), strict=True):
             size_bytes = int(size)
-            text = texts[position:position + chars] if size_bytes <= max_bytes else None
-            position += chars
-            waiting.append((int(order_id), text, size_bytes))
+            if size_bytes > max_bytes:
+                waiting.append((int(order_id), None, size_bytes))
+                continue
+            waiting.append((int(order_id), joined[position:position + size_bytes], size_bytes))
+            position += size_bytes
         waiting.sort(key=lambda order: order[0])
         return waiting
+
+    def _read(self, statement: str, parameters: Any, doing: str) -> list[Any]:
+        """Run a query on the reading connection (the daemon's own, or the only one)."""
+        connection, lock = ((self._reader, self._reader_lock) if self._reader is not None
+                            else (self._connection, self._lock))
+        with lock:
+            if connection is None:
+                raise StorageError(f"database {self.path} is not open")
+            try:
+                return connection.execute(statement, parameters).fetchall()
+            except sqlite3.Error as exc:
+                raise describe_error(self.path, exc, doing) from exc
 
     def claim_orders(self, order_ids: Sequence[int],
                      rejected: Sequence[tuple[int, str]]) -> tuple[int, int]:
@@ -595,26 +651,14 @@ class Storage:
         last: int = self._write(claim, "claiming orders")
         return last - count + 1, last
 
-    def paired_orders(self, first: int, last: int) -> list[tuple[int, int, str]]:
-        """Return (number, order id, payload) of the orders paired with numbers ``first..last``."""
-        with self._lock:
-            if self._connection is None:
-                raise StorageError(f"database {self.path} is not open")
-            try:
-                return self._connection.execute(SELECT_PAIRED, (first, last)).fetchall()
-            except sqlite3.Error as exc:
-                raise describe_error(self.path, exc, "reading orders to recover") from exc
+    def paired_orders(self, first: int, last: int) -> list[tuple[int, int, bytes]]:
+        """Return (number, order id, payload bytes) of the orders paired with numbers ``first..last``."""
+        return self._read(SELECT_PAIRED, (first, last), "reading orders to recover")
 
-    def order_of(self, number: int) -> tuple[int, str] | None:
-        """(order id, payload) of the order paired with invoice ``number``, or None (a demo invoice)."""
-        with self._lock:
-            if self._connection is None:
-                raise StorageError(f"database {self.path} is not open")
-            try:
-                found = self._connection.execute(SELECT_ORDER_OF, (number,)).fetchone()
-                return cast("tuple[int, str] | None", found)
-            except sqlite3.Error as exc:
-                raise describe_error(self.path, exc, "reading an order") from exc
+    def order_of(self, number: int) -> tuple[int, bytes] | None:
+        """Return (order id, payload bytes) of the order paired with invoice ``number``, or None (demo)."""
+        found = self._read(SELECT_ORDER_OF, (number,), "reading an order")
+        return cast("tuple[int, bytes]", found[0]) if found else None
 
     def rejected_orders(self) -> list[tuple[int, str, str]]:
         """(id, submitted_at, reason) of the orders rejected before numbering, by id."""

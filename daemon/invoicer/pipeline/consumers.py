@@ -67,8 +67,8 @@ class _Slot:
     ``call_started`` under the lock.
     """
 
-    __slots__ = ("abandoned", "attempt", "call_started", "chunk", "failed", "future", "index", "lock",
-                 "ok", "probe", "start", "worker")
+    __slots__ = ("abandoned", "attempt", "busy", "call_started", "chunk", "failed", "future", "index",
+                 "lock", "ok", "probe", "start", "worker")
 
     def __init__(self, worker: int) -> None:
         self.worker = worker
@@ -80,6 +80,7 @@ class _Slot:
         self.start = 0           # the first chunk position not yet handed to the writer
         self.attempt = 1
         self.probe = False       # the call under way probes a paused service
+        self.busy = False        # holds an invoice (in a call, or waiting to try it again)
         self.ok: list[object] = []
         self.failed: list[Row] = []
         self.future: concurrent.futures.Future[None] | None = None
@@ -208,6 +209,10 @@ class ConsumerPool:
                 self._give_up(slot, started, now)
         self.gate.lend(long_calls)
 
+    def _in_flight(self) -> int:
+        """How many invoices the loops hold now (asked on a failure only)."""
+        return sum(1 for slot in list(self._slots.values()) if slot.busy and not slot.abandoned)
+
     def calls(self) -> int:
         """How many processor calls are under way (given-up ones not counted)."""
         return sum(1 for slot in list(self._slots.values()) if slot.call_started and not slot.abandoned)
@@ -332,7 +337,9 @@ class ConsumerPool:
         requests = chunk.requests if type(chunk) is OrderChunk else None
         for index in range(len(chunk)):
             slot.index = index
+            slot.busy = True
             outcome = self._invoice(requests[index] if requests else demo_request(chunk[index]), slot)
+            slot.busy = False
             if outcome is GIVEN_UP:
                 return False
             if outcome is GOES_ROUND:  # an outage outlasted this invoice's probes: let others probe
@@ -382,7 +389,7 @@ class ConsumerPool:
                 if slot.abandoned:
                     return GIVEN_UP
             probes += slot.probe
-            if breaker.failure(number, error, started=started, probe=slot.probe):
+            if breaker.failure(number, error, started=started, probe=slot.probe, in_flight=self._in_flight()):
                 # An outage: wait for the service, spend no attempt. After MAX_PROBES failed probes the
                 # invoice goes round (to the back of the queue), so that another one probes next: a
                 # poison invoice cannot keep a paused daemon paused, and none is stored as failed.
