@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import codecs
+import io
 import json
 import os
 import sqlite3
@@ -21,7 +23,7 @@ from invoicer.orders import DEFAULT_MAX_ORDER_BYTES, InvalidOrder, check_order, 
 from invoicer.pipeline import Part, failed_row, invoice_values
 from invoicer.pipeline.writer import StoredRuns
 from invoicer.processing import build_invoice
-from invoicer.storage import Batch, ClaimConflictError, Storage, submit_orders
+from invoicer.storage import Batch, ClaimConflictError, Storage, StorageError, submit_orders
 
 LIMIT = DEFAULT_MAX_ORDER_BYTES
 
@@ -256,7 +258,7 @@ def test_a_source_reads_again_after_a_waiting_order_is_deleted_mid_claim(storage
     ids = submit(storage.path, [payload(i) for i in range(5)])
     read = storage.waiting_orders
 
-    def read_then_delete(*args: int) -> list[tuple[int, str | None, int]]:
+    def read_then_delete(*args: int) -> list[tuple[int, bytes | None, int]]:
         waiting = read(*args)
         with sqlite3.connect(storage.path) as connection:
             connection.execute("DELETE FROM orders WHERE id = ?", (ids[2],))
@@ -264,7 +266,7 @@ def test_a_source_reads_again_after_a_waiting_order_is_deleted_mid_claim(storage
         storage.waiting_orders = read  # type: ignore[method-assign]
         return waiting
 
-    storage.waiting_orders = read_then_delete  # type: ignore[method-assign]
+    storage.waiting_orders = read_then_delete  # type: ignore[method-assign,assignment]
     orders = source(storage)
     assert orders.take(10) is None
     chunk = orders.take(10)
@@ -466,3 +468,84 @@ def test_a_database_root_creates_belongs_to_its_directory_owner(tmp_path: Path) 
     submit_orders(directory / "invoices.db", [payload(1)])
     assert (os.stat(directory / "invoices.db").st_uid, os.stat(directory / "invoices.db").st_gid) == (
         65534, 65534)
+
+
+def test_payloads_stored_as_blobs_with_nuls_or_not_utf8_are_judged_one_by_one(storage: Storage) -> None:
+    """A BLOB of UTF-8 JSON is an order; a NUL or bad UTF-8 refuses that order only, never its neighbours."""
+    muller = json.dumps({**demo_order(1), "customer": "Bäckerei Müller GmbH"}, ensure_ascii=False)
+    with sqlite3.connect(storage.path) as connection:
+        rows = [(payload(0),), (muller.encode(),), (payload(2) + "\0junk",), (b"{\xff}",),
+                (payload(4).encode(),), (payload(5),)]
+        connection.executemany("INSERT INTO orders (payload) VALUES (?)", rows)
+    connection.close()
+    chunk = source(storage).take(100)
+    assert chunk is not None
+    assert [request.order_id for request in chunk.requests] == [1, 2, 5, 6]
+    assert chunk.requests[1].order["customer"] == "Bäckerei Müller GmbH"
+    assert chunk.requests[2].order == json.loads(payload(4))
+    reasons = {order_id: reason for order_id, _, reason in storage.rejected_orders()}
+    assert reasons[3].startswith("malformed JSON")
+    assert reasons[4] == "payload is not UTF-8 text (invalid start byte at byte 1)"
+    commit(storage, [chunk])
+    plan = storage.recovery_plan()
+    assert plan.missing == ()
+
+
+def test_a_paired_blob_order_is_recovered(storage: Storage) -> None:
+    with sqlite3.connect(storage.path) as connection:
+        connection.execute("INSERT INTO orders (payload) VALUES (?)", (payload(1).encode(),))
+    connection.close()
+    assert source(storage).take(1) is not None  # crash before its invoice is stored
+    (chunk,) = source(storage).recover(range(1, 2))
+    assert isinstance(chunk, OrderChunk)
+    assert chunk.requests[0].order == json.loads(payload(1))
+
+
+def test_an_order_id_is_never_used_twice(storage: Storage) -> None:
+    """A waiting order deleted while a claim reads it cannot come back as another order under its id."""
+    _first, second = submit(storage.path, [payload(1), payload(2)])
+    with sqlite3.connect(storage.path) as connection:
+        connection.execute("DELETE FROM orders WHERE id = ?", (second,))
+    connection.close()
+    (third,) = submit(storage.path, [payload(3)])
+    assert third == second + 1
+
+
+def test_a_claim_reads_the_orders_that_begin_within_the_room(storage: Storage) -> None:
+    submit(storage.path, [payload(1)] * 6)
+    size = len(payload(1))
+    waiting = storage.waiting_orders(100, LIMIT, room=2 * size + 1)
+    assert [order_id for order_id, _, _ in waiting] == [1, 2, 3]  # the third begins within the room
+    assert all(text == payload(1).encode() for _, text, _ in waiting)
+
+
+def test_an_order_over_the_size_limit_is_refused_even_when_the_budget_is_full(storage: Storage) -> None:
+    budget = ByteBudget(1000)
+    budget.take(1000)  # everything in flight
+    submit(storage.path, [json.dumps({**demo_order(1), "metadata": {"x": "y" * 3000}})])
+    orders = OrderSource(storage, 0, budget, check_order, max_order_bytes=2048)
+    budget.used = 999  # one byte of room: the claim runs, and the big order takes none of it
+    assert orders.take(10) is None
+    assert storage.rejected_orders()[0][2].startswith("order is 3,")
+
+
+def test_submit_reads_a_line_only_up_to_the_limit_and_skips_a_bom() -> None:
+    stream = io.BytesIO(codecs.BOM_UTF8 + payload(1).encode() + b"\n" + b"[" * 5000 + b"\n")
+    with pytest.raises(SubmitError, match=r"^f, line 2: order is over the limit of 1,024 bytes$"):
+        read_orders(stream, "f", check_order, 1024)
+    assert read_orders(io.BytesIO(codecs.BOM_UTF8 + payload(1).encode()), "f", check_order, 1024) == [
+        payload(1)]
+
+
+def test_rejected_on_a_database_from_before_orders_says_so(tmp_path: Path) -> None:
+    database = tmp_path / "old.db"
+    with sqlite3.connect(database) as connection:
+        connection.execute("CREATE TABLE sequence (id INTEGER PRIMARY KEY)")
+    connection.close()
+    old = Storage(database)
+    old.open_shared()
+    try:
+        with pytest.raises(StorageError, match="has no orders table yet"):
+            old.rejected_orders()
+    finally:
+        old.close()

@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -252,3 +253,59 @@ def peak_rss_mib(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     raise AssertionError("no VmHWM")
+
+
+def test_an_outage_with_few_large_orders_in_flight_stores_none_as_failed(tmp_path: Path,
+                                                                         start_daemon: StartDaemon) -> None:
+    """A byte budget that admits three orders at a time: the outage is recognised by them failing."""
+    database = tmp_path / "outage.db"
+    flag = tmp_path / "down"
+    flag.touch()
+    count = 30
+    submit_orders(database, [payload(n, lines=300) for n in range(count)])
+    daemon = start_daemon(database, INVOICER_WORKERS="8", INVOICER_INFLIGHT_BYTES="64KiB",
+                          INVOICER_PROCESSOR="tests.plugins.processors:down_while_flagged",
+                          OUTAGE_FLAG=str(flag), **ORDERS)
+    assert daemon.notify is not None
+    daemon.notify.wait_for(lambda m: "STATUS=paused: ConnectionError" in m, 30, daemon.process.pid)
+    flag.unlink()
+    daemon.wait_stored(count, timeout=60)
+    daemon.signal()
+    code, log = daemon.wait()
+    assert code == 0, log
+    assert len(assert_one_invoice_per_order(database)) == count
+    with sqlite3.connect(database) as connection:
+        assert connection.execute("SELECT count(*) FROM invoices WHERE status = 'failed'").fetchone()[0] == 0
+    connection.close()
+
+
+def test_a_busy_daemon_waits_out_another_programs_write_lock(tmp_path: Path,
+                                                             start_daemon: StartDaemon) -> None:
+    """A submitter holding the write lock past the busy timeout makes the daemon wait, not exit."""
+    database = tmp_path / "locked.db"
+    submit_orders(database, [payload(n) for n in range(20_000)])
+    daemon = start_daemon(database, INVOICER_WORKERS="4", INVOICER_PROCESSING_DELAY_MS="1", **ORDERS)
+    daemon.wait_stored(100)
+    holder = sqlite3.connect(database, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("INSERT INTO orders (payload) VALUES (?)", (payload(99_999),))
+    try:
+        wait_for_log(daemon, "is locked by another program")
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+    daemon.wait_stored(20_001, timeout=120)
+    assert daemon.process.poll() is None
+    daemon.signal()
+    code, log = daemon.wait()
+    assert code == 0, log
+    assert len(assert_one_invoice_per_order(database)) == 20_001
+
+
+def wait_for_log(daemon: Daemon, text: str, timeout: float = 60.0) -> None:
+    """Poll the daemon's log file (another process writes it: nothing to wait on) for ``text``."""
+    deadline = time.monotonic() + timeout
+    while text not in daemon.log_path.read_text():
+        assert daemon.process.poll() is None, daemon.log_path.read_text()[-2000:]
+        assert time.monotonic() < deadline, f"{text!r} not logged within {timeout}s"
+        time.sleep(0.1)

@@ -64,7 +64,7 @@ class Daemon:
         self.config = config
         self._processor = processor
         self._notifier = notifier or Notifier()
-        self._storage = Storage(config.database, patient=True)
+        self._storage = Storage(config.database)
         # Signal handlers and failing threads only record here; the main thread acts on it.
         self._events: queue.SimpleQueue[tuple[str, Any, Any]] = queue.SimpleQueue()
         self._state = "starting"
@@ -106,6 +106,7 @@ class Daemon:
             "recovered": plan.missing_total, "ranges": len(plan.missing), "high_water": plan.high_water,
             "stored_through": plan.stored_through, "stored_total": plan.stored_total})
         self._build(plan)
+        self._storage.patient = True  # from now on another program's write lock is waited out
         self._state = "running"
         self._writer.start()
         self._pool.start()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import sys
-from collections.abc import Callable, Iterable, Sequence
-from typing import TextIO
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import BinaryIO, TextIO, cast
 
 from invoicer import processing
 from invoicer.config import Config, load_processor
@@ -95,13 +96,21 @@ class SubmitError(Exception):
         self.exit_code = exit_code
 
 
-def read_orders(lines: Iterable[bytes], source: str, check: Callable[..., object],
+def read_orders(stream: BinaryIO | Iterable[bytes], source: str, check: Callable[..., object],
                 max_bytes: int) -> list[str]:
-    """Check JSON lines (blank ones skipped); return the payloads, or raise SubmitError naming the line."""
+    """Check JSON lines (blank ones skipped); return the payloads, or raise SubmitError naming the line.
+
+    A line is read up to the size limit only: an over-long one is refused before it takes the memory.
+    A UTF-8 byte order mark before the first line is skipped.
+    """
     payloads = []
-    for number, raw in enumerate(lines, 1):
+    for number, raw in enumerate(_lines(stream, max_bytes), 1):
+        if raw is None:
+            raise SubmitError(f"{source}, line {number}: order is over the limit of {max_bytes:,} bytes",
+                              EX_DATAERR)
+        line = raw[len(codecs.BOM_UTF8):] if number == 1 and raw.startswith(codecs.BOM_UTF8) else raw
         try:
-            text = raw.decode("utf-8").strip()
+            text = line.decode("utf-8").strip()
         except UnicodeDecodeError as exc:
             raise SubmitError(f"{source}, line {number}: not UTF-8 ({exc.reason} at byte {exc.start})",
                               EX_DATAERR) from None
@@ -115,12 +124,28 @@ def read_orders(lines: Iterable[bytes], source: str, check: Callable[..., object
     return payloads
 
 
+def _lines(stream: BinaryIO | Iterable[bytes], max_bytes: int) -> Iterator[bytes | None]:
+    """Yield the lines of ``stream``; None for one longer than ``max_bytes`` (plus its line end)."""
+    if isinstance(stream, (list, tuple)):  # lines already split (the tests)
+        for line in stream:
+            yield line if len(line) <= max_bytes + 2 else None
+        return
+    readline = cast("BinaryIO", stream).readline
+    while line := readline(max_bytes + 3):
+        if len(line) > max_bytes + 2 and not line.endswith(b"\n"):
+            yield None
+            return
+        yield line
+
+
 def submit(config: Config, path: str, out: TextIO = sys.stdout) -> int:
     """Submit the orders of a JSON-lines file (``-``: standard input) in one transaction; print the count."""
     check = order_checker(load_processor(config.processor))
     source = "standard input" if path == "-" else path
     try:
         if path == "-":
+            if sys.stdin is None:  # started with standard input closed
+                raise SubmitError("standard input is closed; name a FILE", EX_NOINPUT)
             payloads = read_orders(sys.stdin.buffer, source, check, config.order_max_bytes)
         else:
             with open(path, "rb") as file:

@@ -368,15 +368,13 @@ class Storage:
     Built without side effects; ``open()`` takes the instance lock, opens and checks the database.
     """
 
-    def __init__(self, path: Path, *, synchronous: str = "FULL", patient: bool = False) -> None:
-        """Describe the database at ``path``; nothing is opened yet.
-
-        ``patient``: wait out another program's write lock however long it holds it (the daemon, whose
-        health check reports a write that waits too long) instead of failing after the busy timeout.
-        """
+    def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
         self.path = path
         self._synchronous = synchronous
-        self._patient = patient
+        # Set by the running daemon: wait out another program's write lock however long it is held
+        # (the health check reports a write that waits too long) instead of failing after the busy
+        # timeout. Start-up is not patient: it exits 75 and lets systemd try again.
+        self.patient = False
         # Rule: _reader_lock guards _reader, a second connection for the claims' reads: a claim reads
         # many payloads, and on the writer's connection the writer would wait for it.
         self._reader_lock = threading.Lock()
@@ -519,7 +517,7 @@ class Storage:
                 cursor.execute("BEGIN IMMEDIATE")
                 return
             except sqlite3.OperationalError as exc:
-                if not self._patient or getattr(exc, "sqlite_errorname", "") not in ("SQLITE_BUSY",
+                if not self.patient or getattr(exc, "sqlite_errorname", "") not in ("SQLITE_BUSY",
                                                                                      "SQLITE_LOCKED"):
                     raise
                 waited += BUSY_TIMEOUT_S
@@ -667,6 +665,11 @@ class Storage:
                 raise StorageError(f"database {self.path} is not open")
             try:
                 return self._connection.execute(SELECT_REJECTED).fetchall()
+            except sqlite3.OperationalError as exc:
+                if "no such table" not in str(exc):
+                    raise describe_error(self.path, exc, "reading rejected orders") from exc
+                raise StorageError(f"database {self.path} has no orders table yet (schema from before "
+                                   "orders); start the daemon once to upgrade it") from None
             except sqlite3.Error as exc:
                 raise describe_error(self.path, exc, "reading rejected orders") from exc
 
