@@ -234,7 +234,8 @@ def test_large_orders_stay_within_the_byte_budget(tmp_path: Path, start_daemon: 
     count = 60
     big = payload(1, lines=5_000)
     submit_orders(database, [big] * count)
-    daemon = start_daemon(database, INVOICER_WORKERS="4", INVOICER_PROCESSING_DELAY_MS="0",
+    # 64 workers: each loop once kept its last order after the commit, whatever the budget said.
+    daemon = start_daemon(database, INVOICER_WORKERS="64", INVOICER_PROCESSING_DELAY_MS="5",
                           INVOICER_INFLIGHT_BYTES=budget, **ORDERS)
     daemon.wait_stored(count, timeout=120)
     peak = peak_rss_mib(daemon.process.pid)

@@ -55,7 +55,7 @@ class Config:
     # A submitted order larger than this is rejected before it takes a number.
     order_max_bytes: int = 4 * 1024 * 1024
     # Payload bytes of the orders between claim and commit, at most (one larger order goes alone).
-    inflight_bytes: int = 16 * 1024 * 1024
+    inflight_bytes: int = 8 * 1024 * 1024
 
     def summary(self) -> dict[str, Any]:
         """Return the settings as a JSON-friendly dict for the start-up log record."""

@@ -299,6 +299,10 @@ class ConsumerPool:
                         return  # given up: the reaper took the chunk over and released the place
                     wall = time.monotonic() - started
                     self.invoice_seconds += (wall / len(chunk) - self.invoice_seconds) * 0.2
+                    # Let go of the orders before waiting for the next chunk: a loop that kept its last
+                    # one held up to a worker's worth of large orders past their commit (RSS 300 MiB
+                    # with 64 workers and 0.5 MB orders, whatever INVOICER_INFLIGHT_BYTES said).
+                    chunk = ()
                     cpu = time.thread_time() - cpu_started if sampled else 0.0
                     if gate.report(cpu, wall if sampled else 0.0):  # the limit fell: queue up again
                         gate.acquire()
@@ -345,12 +349,14 @@ class ConsumerPool:
             if outcome is GOES_ROUND:  # an outage outlasted this invoice's probes: let others probe
                 self._hand_over(slot, index)
                 self._work.put_back(chunk[index:])
+                slot.chunk = ()
                 return True
             if time.monotonic() - handed_at >= HANDOFF_S:
                 self._hand_over(slot, index + 1)
                 handed_at = time.monotonic()
         if len(chunk) > slot.start:
             self._hand_over(slot, len(chunk))
+        slot.chunk = ()
         return True
 
     def _hand_over(self, slot: _Slot, done: int) -> None:
