@@ -88,7 +88,7 @@ def test_valid_values_are_taken() -> None:
 
 @pytest.mark.parametrize(("value", "size"), [
     ("4194304", 4 * 1024**2), ("4MiB", 4 * 1024**2), ("4 mb", 4 * 1024**2), ("64k", 64 * 1024),
-    ("1G", 1024**3), ("", 16 * 1024**2)], ids=["bytes", "MiB", "spaced-lower", "k", "G", "empty"])
+    ("1G", 1024**3), ("", 8 * 1024**2)], ids=["bytes", "MiB", "spaced-lower", "k", "G", "empty"])
 def test_sizes_take_binary_units(value: str, size: int) -> None:
     """Sizes are bytes or K, M, G (KB, KiB, ...: all powers of 1024) in any case; empty is the default."""
     assert load_config({"INVOICER_INFLIGHT_BYTES": value}).inflight_bytes == size
