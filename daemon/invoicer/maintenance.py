@@ -6,7 +6,7 @@ import codecs
 import json
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import BinaryIO, TextIO, cast
+from typing import Any, BinaryIO, TextIO, cast
 
 from invoicer import processing
 from invoicer.config import Config, load_processor
@@ -22,18 +22,27 @@ EX_STILL_FAILED = 1
 
 def list_failed(config: Config, *, as_json: bool, out: TextIO = sys.stdout) -> int:
     """Print the failed invoices: number, attempts, last error (or one JSON object per line)."""
+    _print_rows(_read_shared(config, Storage.failed), ("invoice", "attempts", "error"), as_json, out)
+    return EX_OK
+
+
+def _read_shared(config: Config, read: Callable[[Storage], list[Any]]) -> list[Any]:
+    """Run ``read`` on the database opened read-only beside a running daemon."""
     storage = Storage(config.database)
     storage.open_shared()
     try:
-        failed = storage.failed()
+        return read(storage)
     finally:
         storage.close()
-    for invoice_id, attempts, error in failed:
+
+
+def _print_rows(rows: Iterable[Sequence[object]], names: Sequence[str], as_json: bool, out: TextIO) -> None:
+    """Print rows tab-separated, or as one JSON object per line with ``names`` as keys."""
+    for row in rows:
         if as_json:
-            print(json.dumps({"invoice": invoice_id, "attempts": attempts, "error": error}), file=out)
+            print(json.dumps(dict(zip(names, row, strict=True))), file=out)
         else:
-            print(f"{invoice_id}\t{attempts}\t{error}", file=out)
-    return EX_OK
+            print("\t".join(map(str, row)), file=out)
 
 
 def retry_failed(config: Config, ids: Sequence[int], out: TextIO = sys.stdout) -> int:
@@ -163,15 +172,6 @@ def submit(config: Config, path: str, out: TextIO = sys.stdout) -> int:
 
 def list_rejected(config: Config, *, as_json: bool, out: TextIO = sys.stdout) -> int:
     """Print the orders rejected before numbering: id, submitted at, reason (or JSON lines)."""
-    storage = Storage(config.database)
-    storage.open_shared()
-    try:
-        rejected = storage.rejected_orders()
-    finally:
-        storage.close()
-    for order_id, submitted_at, reason in rejected:
-        if as_json:
-            print(json.dumps({"order": order_id, "submitted_at": submitted_at, "reason": reason}), file=out)
-        else:
-            print(f"{order_id}\t{submitted_at}\t{reason}", file=out)
+    _print_rows(_read_shared(config, Storage.rejected_orders), ("order", "submitted_at", "reason"), as_json,
+                out)
     return EX_OK
