@@ -11,6 +11,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -549,3 +550,25 @@ def test_rejected_on_a_database_from_before_orders_says_so(tmp_path: Path) -> No
             old.rejected_orders()
     finally:
         old.close()
+
+
+def test_an_order_waiting_for_room_costs_no_claim_transaction(storage: Storage) -> None:
+    """The next order does not fit the budget yet: the claim waits for room instead of an empty commit."""
+    submit(storage.path, [payload(1)])
+    budget = ByteBudget(len(payload(1)) + 10)
+    budget.take(20)  # something else in flight: the order does not fit beside it
+    orders = OrderSource(storage, 0, budget, check_order, max_order_bytes=LIMIT)
+    claims = []
+    claim = storage.claim_orders
+
+    def counted(*args: Any) -> tuple[int, int]:
+        claims.append(args)
+        return claim(*args)
+
+    storage.claim_orders = counted  # type: ignore[method-assign,assignment]
+    threading.Timer(0.05, budget.give_back, (20,)).start()  # the commit that makes room
+    assert orders.take(10) is None  # woken by the room, not by a poll: nothing claimed yet
+    assert claims == []
+    chunk = orders.take(10)
+    assert chunk is not None
+    assert len(claims) == 1

@@ -24,7 +24,9 @@ SOURCES = ("orders", "demo")
 MIN_ORDER_BYTES = 1024
 MAX_ORDER_BYTES = 256 * 1024 * 1024
 MIN_INFLIGHT_BYTES = 64 * 1024
-MAX_INFLIGHT_BYTES = 64 * 1024 * 1024 * 1024
+# A claim reads its payloads in one SQLite value, and SQLite's values end at 1,000,000,000 bytes: the
+# budget plus one order of the largest size must stay below that.
+MAX_INFLIGHT_BYTES = 512 * 1024 * 1024
 BYTE_UNITS = {"": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024**2, "MB": 1024**2, "MIB": 1024**2,
               "G": 1024**3, "GB": 1024**3, "GIB": 1024**3}
 DEFAULT_PROCESSOR = "invoicer.processing:process"

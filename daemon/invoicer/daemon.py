@@ -282,6 +282,9 @@ class Daemon:
         started = time.monotonic()
         committed_before = self._writer.committed_total
         self._state = "draining"
+        # A drain must end: another program's write lock is waited out for the busy timeout only, then
+        # the drain fails (exit 75) and the next start recovers what was not committed.
+        self._storage.patient = False
         log.info("%s received: draining", reason, extra={"pending": self._snapshot().pending})
         try:
             self._producer.stop()

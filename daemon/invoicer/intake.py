@@ -34,6 +34,7 @@ MIN_CLAIM = 64          # orders per claim, at first and at least
 MAX_CLAIM = 8192        # ... and at most: the claim's transaction and its parsed orders stay small
 CLAIM_SECONDS = 0.5     # claims grow while one lasts less than this, so a backlog costs few fsyncs
 IDLE_POLL_S = 0.025     # how often an idle daemon looks for new orders: the latency floor at idle
+ROOM_WAIT_S = 0.5       # how long a claim waits for the byte budget to make room before it looks again
 
 
 class OrderChunk(Sequence[int]):
@@ -315,12 +316,14 @@ class OrderSource:
         rejected: list[tuple[int, str]] = []
         taken = 0
         alone = self._budget.used == 0  # then an order larger than the room may go, by itself
+        blocked = 0
         for order_id, payload, size in waiting:
             if payload is None:  # over the size limit: refused without being read, whatever the room
                 rejected.append((order_id, f"order is {size:,} bytes, over the limit of "
                                            f"{self._max_bytes:,} bytes"))
                 continue
             if taken + size > room and (valid or not alone):
+                blocked = size
                 break  # the rest waits for room
             try:
                 valid.append((order_id, self._check(decode_payload(payload), max_bytes=self._max_bytes),
@@ -329,6 +332,9 @@ class OrderSource:
                 rejected.append((order_id, refusal(exc)))
                 continue
             taken += size
+        if not valid and not rejected:  # the next order does not fit yet: wait for its room, not a poll
+            self._budget.wait_room(blocked, ROOM_WAIT_S)
+            return None
         try:
             first, last = self._storage.claim_orders([order_id for order_id, _, _ in valid], rejected)
         except ClaimConflictError as exc:  # another program deleted a waiting order: read them again

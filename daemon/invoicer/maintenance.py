@@ -93,6 +93,7 @@ def _retry_one(storage: Storage, processor: Callable[[InvoiceRequest], object],
     return process_with_retries(processor, InvoiceRequest(number, order_id, order), "retry")
 
 
+LINE_SLACK = 64   # bytes a submitted line may hold beyond its order: line end, BOM, spaces
 EX_DATAERR = 65   # sysexits.h: the input data was incorrect
 EX_NOINPUT = 66   # sysexits.h: the input file cannot be opened
 
@@ -134,14 +135,19 @@ def read_orders(stream: BinaryIO | Iterable[bytes], source: str, check: Callable
 
 
 def _lines(stream: BinaryIO | Iterable[bytes], max_bytes: int) -> Iterator[bytes | None]:
-    """Yield the lines of ``stream``; None for one longer than ``max_bytes`` (plus its line end)."""
+    """Yield the lines of ``stream``; None for one that cannot be an order of ``max_bytes``.
+
+    Room is left for a line end, a byte order mark and some spaces around the order (the check judges
+    the order itself); beyond that a line is not read further.
+    """
+    most = max_bytes + LINE_SLACK
     if isinstance(stream, (list, tuple)):  # lines already split (the tests)
         for line in stream:
-            yield line if len(line) <= max_bytes + 2 else None
+            yield line if len(line) <= most else None
         return
     readline = cast("BinaryIO", stream).readline
-    while line := readline(max_bytes + 3):
-        if len(line) > max_bytes + 2 and not line.endswith(b"\n"):
+    while line := readline(most + 1):
+        if len(line) > most:
             yield None
             return
         yield line

@@ -202,9 +202,11 @@ class ConsumerPool:
                 elif now - started >= LONG_CALL_S:
                     long_calls += 1
             # Every overdue call counts before any is judged: calls that all hang at once are an outage.
+            in_flight = self._in_flight() + len(overdue)
             for slot, started in overdue:
                 hung = InvoiceTimeoutError(f"processor call did not return within {self._timeout:g}s")
-                self.breaker.failure(slot.chunk[slot.index], hung, started=started, probe=slot.probe)
+                self.breaker.failure(slot.chunk[slot.index], hung, started=started, probe=slot.probe,
+                                     in_flight=in_flight)
             for slot, started in overdue:
                 self._give_up(slot, started, now)
         self.gate.lend(long_calls)
