@@ -88,10 +88,16 @@ def test_valid_values_are_taken() -> None:
 
 @pytest.mark.parametrize(("value", "size"), [
     ("4194304", 4 * 1024**2), ("4MiB", 4 * 1024**2), ("4 mb", 4 * 1024**2), ("64k", 64 * 1024),
-    ("1G", 1024**3), ("", 8 * 1024**2)], ids=["bytes", "MiB", "spaced-lower", "k", "G", "empty"])
+    ("512M", 512 * 1024**2), ("", 8 * 1024**2)], ids=["bytes", "MiB", "spaced-lower", "k", "M", "empty"])
 def test_sizes_take_binary_units(value: str, size: int) -> None:
     """Sizes are bytes or K, M, G (KB, KiB, ...: all powers of 1024) in any case; empty is the default."""
     assert load_config({"INVOICER_INFLIGHT_BYTES": value}).inflight_bytes == size
+
+
+def test_a_size_in_g_is_read_and_judged_by_its_range() -> None:
+    """1G is a size (1,073,741,824 bytes), above what a claim can read in one SQLite value."""
+    with pytest.raises(ConfigError, match="INVOICER_INFLIGHT_BYTES='1G' is out of range"):
+        load_config({"INVOICER_INFLIGHT_BYTES": "1G"})
 
 
 def test_a_processor_that_is_not_callable_is_named_so() -> None:
