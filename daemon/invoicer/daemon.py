@@ -108,6 +108,7 @@ class Daemon:
         self._build(plan)
         self._storage.patient = True  # from now on another program's write lock is waited out
         self._state = "running"
+        self._progress = (0, time.monotonic())  # "nothing committed for Ns" counts from here, not boot
         self._writer.start()
         self._pool.start()
         self._producer.start()  # it starts the source once the recovered numbers are queued
