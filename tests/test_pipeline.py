@@ -412,6 +412,25 @@ def test_more_hung_calls_than_workers_make_a_sick_pool() -> None:
     assert pool.join(10)
 
 
+def test_with_one_worker_a_second_hung_invoice_makes_an_outage() -> None:
+    """One invoice in flight: the first hung call is stored as failed, the second pauses intake instead."""
+    pool, work, results, release, entered = hung_pool({1, 2}, workers=1, timeout=1.0)
+    work.put([1])
+    wait_entered(entered, 1)
+    pool.reap(time.monotonic() + 2)
+    assert not pool.breaker.paused  # one invoice hung: it could be a bad one
+    work.put([2])
+    wait_entered(entered, 2)
+    pool.reap(time.monotonic() + 2)
+    assert pool.breaker.paused  # a second one, while it is all that is in flight: the service hangs
+    release.set()
+    work.put([3])
+    rows = collect(results, 3)
+    assert [rows[n][1] for n in (1, 2, 3)] == ["failed", "ok", "ok"]  # 2 went round, not failed
+    pool.retire_all()
+    assert pool.join(10)
+
+
 def test_a_retry_backoff_holds_no_gate_place(monkeypatch: pytest.MonkeyPatch) -> None:
     """While a poison invoice sleeps between attempts, another consumer takes the one gate place."""
     monkeypatch.setattr(pipeline, "RETRY_BACKOFF_S", 0.2)
