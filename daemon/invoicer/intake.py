@@ -84,6 +84,18 @@ def decode_payload(payload: bytes) -> str:
         raise InvalidOrder(f"payload is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
+def recheck(check: Callable[..., dict[str, Any]], order_id: int, payload: bytes,
+            max_bytes: int = 0) -> dict[str, Any]:
+    """Parse a paired order again (recovery, ``invoicer retry``); InvalidOrder if it no longer passes.
+
+    Its size never refuses it: it took its number within the limit of its day.
+    """
+    try:
+        return check(decode_payload(payload), max_bytes=max(max_bytes, len(payload)))
+    except Exception as exc:  # any check failure: the invoice is stored as failed, saying why
+        raise InvalidOrder(f"order {order_id} no longer passes its check: {refusal(exc)}") from None
+
+
 def refusal(exc: Exception) -> str:
     """Say why an order is refused: an InvalidOrder's message, or what went wrong in the check."""
     if isinstance(exc, InvalidOrder):
@@ -426,19 +438,17 @@ class Recovery:
                 requests.append(demo_request(number))
                 sizes.append(0)
                 continue
-            size = len(payload)
             try:
-                order = self._check(decode_payload(payload), max_bytes=max(self._max_bytes, size))
-            except Exception as exc:  # stored as failed, keeping its number
+                order = recheck(self._check, order_id, payload, self._max_bytes)
+            except InvalidOrder as error:  # stored as failed, keeping its number
                 if requests:
                     out.append(OrderChunk(range(start, number), requests, sizes))
-                error = InvalidOrder(f"order {order_id} no longer passes its check: {refusal(exc)}")
                 row: Row = failed_row(number, error, 0, order_id)
                 out.append(Part(range(number, number + 1), Batch(failed=[row])))
                 requests, sizes, start = [], [], number + 1
                 continue
             requests.append(InvoiceRequest(number, order_id, order))
-            sizes.append(size)
+            sizes.append(len(payload))
         if requests:
             out.append(OrderChunk(range(start, numbers.stop), requests, sizes))
         return out

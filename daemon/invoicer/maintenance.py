@@ -10,7 +10,7 @@ from typing import Any, BinaryIO, TextIO, cast
 
 from invoicer import processing
 from invoicer.config import Config, load_processor
-from invoicer.intake import decode_payload, refusal
+from invoicer.intake import recheck, refusal
 from invoicer.orders import InvalidOrder
 from invoicer.pipeline import failed_row, process_with_retries
 from invoicer.processing import InvoiceRequest, demo_request, order_checker
@@ -86,9 +86,8 @@ def _retry_one(storage: Storage, processor: Callable[[InvoiceRequest], object],
         return process_with_retries(processor, demo_request(number), "retry")
     order_id, payload = paired
     try:
-        order = check(decode_payload(payload), max_bytes=len(payload))
-    except Exception as exc:  # the check changed since: the invoice stays failed, saying why
-        error = InvalidOrder(f"order {order_id} no longer passes its check: {refusal(exc)}")
+        order = recheck(check, order_id, payload)
+    except InvalidOrder as error:  # the check changed since: the invoice stays failed, saying why
         return failed_row(number, error, 0, order_id)
     return process_with_retries(processor, InvoiceRequest(number, order_id, order), "retry")
 
