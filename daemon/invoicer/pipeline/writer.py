@@ -150,8 +150,7 @@ class StorageWriter:
             stored.add_numbers(part.numbers)
             ok += part.batch.ok
             failed += part.batch.failed
-            if type(part.numbers) is OrderChunk:
-                weight += part.numbers.weight
+            weight += part.weight
         batch = Batch(ok, failed)
         self.busy_since = time.monotonic()
         self._storage.save_batch(batch, stored.through, stored.runs())
