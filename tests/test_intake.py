@@ -351,11 +351,12 @@ def test_submit_creates_the_database_and_inserts_in_one_transaction(tmp_path: Pa
 def test_a_bad_line_names_itself_and_nothing_is_read_further() -> None:
     lines = [payload(1).encode(), b"", b"   ", payload(2).encode(), b'{"customer": "x"}']
     with pytest.raises(SubmitError, match=r"^orders.jsonl, line 5: missing field .currency.$") as caught:
-        read_orders(lines, "orders.jsonl", check_order, LIMIT)
+        read_orders(io.BytesIO(b"\n".join(lines)), "orders.jsonl", check_order, LIMIT)
     assert caught.value.exit_code == 65
-    assert read_orders(lines[:4], "f", check_order, LIMIT) == [payload(1), payload(2)]  # blanks skipped
+    blanks_skipped = read_orders(io.BytesIO(b"\n".join(lines[:4])), "f", check_order, LIMIT)
+    assert blanks_skipped == [payload(1), payload(2)]
     with pytest.raises(SubmitError, match=r"^f, line 1: not UTF-8"):
-        read_orders([b"\xff{}"], "f", check_order, LIMIT)
+        read_orders(io.BytesIO(b"\xff{}"), "f", check_order, LIMIT)
 
 
 def test_a_schema_2_database_gets_orders(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ import codecs
 import json
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, BinaryIO, TextIO, cast
+from typing import Any, BinaryIO, TextIO
 
 from invoicer import processing
 from invoicer.config import Config, load_processor
@@ -105,7 +105,7 @@ class SubmitError(Exception):
         self.exit_code = exit_code
 
 
-def read_orders(stream: BinaryIO | Iterable[bytes], source: str, check: Callable[..., object],
+def read_orders(stream: BinaryIO, source: str, check: Callable[..., object],
                 max_bytes: int) -> list[str]:
     """Check JSON lines (blank ones skipped); return the payloads, or raise SubmitError naming the line.
 
@@ -133,19 +133,14 @@ def read_orders(stream: BinaryIO | Iterable[bytes], source: str, check: Callable
     return payloads
 
 
-def _lines(stream: BinaryIO | Iterable[bytes], max_bytes: int) -> Iterator[bytes | None]:
+def _lines(stream: BinaryIO, max_bytes: int) -> Iterator[bytes | None]:
     """Yield the lines of ``stream``; None for one that cannot be an order of ``max_bytes``.
 
     Room is left for a line end, a byte order mark and some spaces around the order (the check judges
     the order itself); beyond that a line is not read further.
     """
     most = max_bytes + LINE_SLACK
-    if isinstance(stream, (list, tuple)):  # lines already split (the tests)
-        for line in stream:
-            yield line if len(line) <= most else None
-        return
-    readline = cast("BinaryIO", stream).readline
-    while line := readline(most + 1):
+    while line := stream.readline(most + 1):
         if len(line) > most:
             yield None
             return
