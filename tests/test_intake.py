@@ -9,7 +9,7 @@ import os
 import sqlite3
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from invoicer.pipeline import Part, failed_row, invoice_values
 from invoicer.pipeline.writer import StoredRuns
 from invoicer.processing import build_invoice
 from invoicer.storage import Batch, ClaimConflictError, Storage, StorageError, submit_orders
+from tests.test_storage import SCHEMA_2
 
 LIMIT = DEFAULT_MAX_ORDER_BYTES
 
@@ -63,6 +64,16 @@ def source(storage: Storage, budget: int = 1 << 30, high_water: int | None = Non
     if high_water is None:
         high_water = storage.recovery_plan().high_water
     return OrderSource(storage, high_water, ByteBudget(budget), check_order, max_order_bytes=LIMIT)
+
+
+def refusing(reference: str, error: Exception) -> Callable[..., dict[str, Any]]:
+    """The built-in check, raising ``error`` for the order with ``reference`` (a stricter or broken one)."""
+    def check(text: str, *, max_bytes: int) -> dict[str, Any]:
+        order = check_order(text, max_bytes=max_bytes)
+        if order["reference"] == reference:
+            raise error
+        return order
+    return check
 
 
 def commit(storage: Storage, chunks: list[OrderChunk]) -> None:
@@ -203,12 +214,7 @@ def test_an_order_failing_its_check_at_recovery_is_stored_failed_under_its_numbe
     ids = submit(storage.path, [payload(i) for i in range(3)])
     assert source(storage).take(3) is not None
 
-    def stricter(text: str, *, max_bytes: int) -> dict[str, object]:
-        order = check_order(text, max_bytes=max_bytes)
-        if order["reference"] == "PO-1":
-            raise InvalidOrder("reference: PO-1 is blocked")
-        return order
-
+    stricter = refusing("PO-1", InvalidOrder("reference: PO-1 is blocked"))
     later = OrderSource(storage, 3, ByteBudget(1 << 20), stricter, max_order_bytes=LIMIT)
     items = later.recover(range(1, 4))
     assert [type(item) for item in items] == [OrderChunk, Part, OrderChunk]
@@ -280,12 +286,7 @@ def test_a_check_that_breaks_rejects_the_order_and_says_so(storage: Storage) -> 
     """A plugin's check_order that raises something else than InvalidOrder refuses that order only."""
     ids = submit(storage.path, [payload(1), payload(2)])
 
-    def broken(text: str, *, max_bytes: int) -> dict[str, object]:
-        order = check_order(text, max_bytes=max_bytes)
-        if order["reference"] == "PO-2":
-            raise KeyError("tax_id")
-        return order
-
+    broken = refusing("PO-2", KeyError("tax_id"))
     orders = OrderSource(storage, 0, ByteBudget(1 << 20), broken, max_order_bytes=LIMIT)
     chunk = orders.take(10)
     assert chunk is not None
@@ -363,15 +364,10 @@ def test_a_schema_2_database_gets_orders(tmp_path: Path) -> None:
     """The upgrade keeps every invoice and adds the orders table and invoices.order_id."""
     database = tmp_path / "v2.db"
     with sqlite3.connect(database) as connection:
+        connection.executescript(SCHEMA_2)
         connection.executescript("""
-            CREATE TABLE invoices (id INTEGER PRIMARY KEY, status TEXT NOT NULL, customer TEXT,
-                currency TEXT, subtotal TEXT, tax TEXT, total TEXT, document TEXT, error TEXT,
-                attempts INTEGER NOT NULL);
-            CREATE TABLE sequence (id INTEGER PRIMARY KEY CHECK (id = 1), high_water INTEGER NOT NULL,
-                stored_through INTEGER NOT NULL, stored_runs TEXT NOT NULL DEFAULT '');
-            INSERT INTO sequence VALUES (1, 2, 2, '');
-            INSERT INTO invoices (id, status, attempts) VALUES (1, 'ok', 1), (2, 'ok', 1);
-            PRAGMA user_version = 2;""")
+            UPDATE sequence SET high_water = 2, stored_through = 2, stored_runs = '';
+            INSERT INTO invoices (id, status, attempts) VALUES (1, 'ok', 1), (2, 'ok', 1);""")
     connection.close()
     store = Storage(database)
     store.open()
