@@ -20,8 +20,6 @@ from invoicer.storage import (
     EX_TEMPFAIL,
     OK_WIDTH,
     SCHEMA_VERSION,
-    SELECT_FAILED,
-    SELECT_IDS_BETWEEN,
     Batch,
     RecoveryPlan,
     Row,
@@ -32,6 +30,7 @@ from invoicer.storage import (
     missing_ranges,
     parse_runs,
 )
+from invoicer.storage.sqlite import SELECT_FAILED, SELECT_IDS_BETWEEN
 
 
 def rows(numbers: list[int] | range) -> list[Row]:

@@ -1,4 +1,4 @@
-"""StorageWriter: one thread committing the consumers' rows in batches, and keeping stored_through."""
+"""StorageWriter: one thread committing the consumers' rows in batches through the storage's ledger."""
 
 from __future__ import annotations
 
@@ -6,79 +6,23 @@ import contextlib
 import queue
 import threading
 import time
+from typing import Any
 
-from invoicer.intake import ByteBudget, OrderChunk
+from invoicer.intake import ByteBudget
 from invoicer.pipeline import POLL_S, WAKE_UP, WRITER_BATCH, FatalHandler, Part
-from invoicer.storage import Batch, RecoveryPlan, Row, Run, Storage
-from invoicer.workqueue import Chunk
+from invoicer.storage import Batch, RecoveryPlan, Row, StoredRuns
 
-
-class StoredRuns:
-    """``through`` (every number up to it is stored) and the runs of stored numbers above it.
-
-    Runs that touch merge as they arrive, so this holds one entry per gap left by work still in flight,
-    however long a hung call holds ``through`` back. Saved with every commit, so recovery reads these
-    few runs instead of the rows.
-    """
-
-    def __init__(self, through: int, runs: tuple[Run, ...] = ()) -> None:
-        self.through = through
-        self._last_of: dict[int, int] = {}   # first -> last
-        self._first_of: dict[int, int] = {}  # last -> first
-        for first, last in runs:
-            self.add(first, last)
-
-    def add(self, first: int, last: int) -> None:
-        """Record that ``first..last`` are stored."""
-        first = max(first, self.through + 1)
-        if last < first:
-            return
-        if (left := self._first_of.pop(first - 1, None)) is not None:
-            del self._last_of[left]
-            first = left
-        if (right := self._last_of.pop(last + 1, None)) is not None:
-            del self._first_of[right]
-            last = right
-        if first == self.through + 1:
-            self.through = last
-        else:
-            self._last_of[first] = last
-            self._first_of[last] = first
-
-    def add_numbers(self, numbers: Chunk) -> None:
-        """Record a part's numbers: one run for a range, else one per stretch of consecutive numbers."""
-        if not numbers:
-            return
-        if type(numbers) is OrderChunk:
-            numbers = numbers.numbers
-        if isinstance(numbers, range) and numbers.step == 1:
-            self.add(numbers.start, numbers.stop - 1)
-            return
-        first = previous = numbers[0]
-        for number in numbers[1:]:
-            if number != previous + 1:
-                self.add(first, previous)
-                first = number
-            previous = number
-        self.add(first, previous)
-
-    def runs(self) -> tuple[Run, ...]:
-        """Return the runs above ``through``, in order."""
-        return tuple(sorted(self._last_of.items()))
-
-    def __len__(self) -> int:
-        return len(self._last_of)
+__all__ = ["StorageWriter", "StoredRuns"]
 
 
 class StorageWriter:
     """One thread: collects rows from the consumers and commits them in batches (group commit).
 
-    It also keeps ``stored_through`` - the highest number below which everything is stored - and the
-    runs stored above it, and saves both with each batch, which is what keeps recovery from reading the
-    table.
+    Each commit goes through the backend's ledger, which stores its own bookkeeping in the same
+    transaction (SQLite: ``stored_through`` and the runs above it; PostgreSQL: the blocks' fences).
     """
 
-    def __init__(self, storage: Storage, results: queue.Queue[Part], plan: RecoveryPlan,
+    def __init__(self, storage: Any, results: queue.Queue[Part], plan: RecoveryPlan,
                  on_fatal: FatalHandler, batch_size: int = WRITER_BATCH, *,
                  budget: ByteBudget | None = None) -> None:
         self._storage = storage
@@ -86,7 +30,7 @@ class StorageWriter:
         self._results = results
         self._on_fatal = on_fatal
         self._batch_size = batch_size
-        self._stored = StoredRuns(plan.stored_through, plan.runs)
+        self._ledger = storage.ledger(plan)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="invoicer-writer", daemon=True)
         # Written by the writer thread only, after each commit; others just read them.
@@ -96,12 +40,12 @@ class StorageWriter:
     @property
     def stored_through(self) -> int:
         """Every number up to this one is stored (and committed)."""
-        return self._stored.through
+        return int(self._ledger.stored_through)
 
     @property
     def gaps(self) -> int:
         """Runs stored above stored_through: gaps left by work in flight (bounded by it)."""
-        return len(self._stored)
+        return int(self._ledger.gaps)
 
     def start(self) -> None:
         """Start writing."""
@@ -142,20 +86,17 @@ class StorageWriter:
             self._on_fatal("writer", exc)
 
     def _commit(self, parts: list[Part]) -> None:
-        stored = StoredRuns(self._stored.through, self._stored.runs())  # moves on only after the commit
         ok: list[object] = []
         failed: list[Row] = []
         weight = 0
         for part in parts:
-            stored.add_numbers(part.numbers)
             ok += part.batch.ok
             failed += part.batch.failed
             weight += part.weight
         batch = Batch(ok, failed)
         self.busy_since = time.monotonic()
-        self._storage.save_batch(batch, stored.through, stored.runs())
+        self._ledger.commit(batch, [part.numbers for part in parts])
         self.busy_since = 0.0
-        self._stored = stored
         self.committed_total += len(batch)
         if weight and self._budget is not None:
             self._budget.give_back(weight)

@@ -1,8 +1,7 @@
-"""Storage: the one place that talks to SQLite.
+"""The SQLite backend: the embedded default, one instance per database file.
 
-One connection, one lock, WAL, a busy timeout, schema as constants, ``?`` parameters, and a small
-interface (reserve a block of numbers, save a batch, find the numbers to recover, release the unused
-reservation) so that another backend can stand behind it later.
+One connection, one lock, WAL, a busy timeout, schema as constants, ``?`` parameters, behind the
+interface :mod:`invoicer.storage` describes.
 
 The ``sequence`` row holds two durable marks:
 
@@ -21,7 +20,6 @@ kept above ``stored_through``.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import fcntl
 import functools
@@ -35,6 +33,22 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
+
+from invoicer.storage import (
+    COLUMNS,
+    EX_TEMPFAIL,
+    OK_WIDTH,
+    Batch,
+    ClaimConflictError,
+    RecoveryPlan,
+    Row,
+    Run,
+    StorageError,
+    StoredRuns,
+    format_runs,
+    missing_ranges,
+    parse_runs,
+)
 
 log = logging.getLogger("invoicer")
 
@@ -118,9 +132,7 @@ INSERT_PREFIX = ("INSERT INTO invoices (id, status, customer, currency, subtotal
 # cheaper than None.
 OK_SELECT = ("column1, 'ok', column2, column3, column4, column5, column6, column7, NULL, column8,"
              " NULLIF(column9, 0)")
-OK_WIDTH = 9   # id, customer, currency, subtotal, tax, total, document, attempts, order id (0: none)
 ANY_SELECT = "*"
-COLUMNS = 11   # a full Row, for failed invoices
 # Rows per INSERT statement, at most. sqlite3 releases the GIL around every sqlite3_prepare() and
 # sqlite3_step(), and each time the writer must win it back from a busy consumer thread, which takes up
 # to the 5 ms switch interval. executemany() steps once per row (measured: 466 rows/s against one busy
@@ -173,59 +185,10 @@ INSERT_ORDER = "INSERT INTO orders (payload) VALUES (?)"
 SELECT_REJECTED = "SELECT id, submitted_at, rejected FROM orders WHERE rejected IS NOT NULL ORDER BY id"
 SELECT_ORDER_OF = "SELECT id, CAST(payload AS BLOB) FROM orders WHERE invoice_id = ?"
 
-# What a processed invoice stores besides its literals: id, customer, currency, subtotal, tax, total,
-# document, attempts (OK_SELECT's order).
-OkValues = tuple[int, str, str, str, str, str, str, int, int]
-# first..last, a run of consecutive invoice numbers.
-Run = tuple[int, int]
-# An invoice row, in the table's column order.
-Row = tuple[int, str, str | None, str | None, str | None, str | None, str | None, str | None,
-            str | None, int, int | None]
-
-
-@dataclasses.dataclass(frozen=True)
-class Batch:
-    """The rows of one transaction: processed invoices as flat values, failed ones as full rows.
-
-    ``ok`` holds OK_WIDTH values per processed invoice (id, customer, currency, subtotal, tax, total,
-    document, attempts, order id or 0), one flat sequence for the whole batch, which is what the
-    statement binds; the consumers build it as they go, so no per-row tuple is made and taken apart.
-    """
-
-    ok: Sequence[object] = ()
-    failed: Sequence[Row] = ()
-
-    @classmethod
-    def of(cls, rows: Iterable[Row]) -> Batch:
-        """Sort full rows into a batch (for callers that have rows, not the consumers' flat values)."""
-        ok: list[object] = []
-        failed: list[Row] = []
-        for row in rows:
-            if row[1] == "ok" and row[8] is None:
-                ok += (row[0], *row[2:8], row[9], row[10] or 0)
-            else:
-                failed.append(row)
-        return cls(ok, failed)
-
-    def rows(self) -> list[Row]:
-        """Return the batch as full rows: the processed invoices, then the failed ones."""
-        ok = self.ok
-        processed = [(ok[i], "ok", *ok[i + 1:i + 7], None, ok[i + 7], ok[i + 8] or None)
-                     for i in range(0, len(ok), OK_WIDTH)]
-        return [*cast("list[Row]", processed), *self.failed]
-
-    def __len__(self) -> int:
-        return len(self.ok) // OK_WIDTH + len(self.failed)
-
-
 WAL_MAGICS = (0x377F0682, 0x377F0683)  # sqlite.org/fileformat2.html#walformat; bit 0: big-endian sums
 WAL_VERSION = 3007000
 WAL_HEADER = 32
 WAL_FRAME_HEADER = 24
-
-EX_IOERR = 74      # sysexits.h: an input/output error (unreadable, unwritable, corrupt, full)
-EX_TEMPFAIL = 75   # sysexits.h: try again later (another instance, or another program's lock)
-
 
 @functools.lru_cache(maxsize=32)
 def _insert_statement(select: str, width: int, rows: int) -> str:
@@ -237,51 +200,6 @@ def _insert_statement(select: str, width: int, rows: int) -> str:
 def _padded_size(rows: int) -> int:
     """Return the power of two at or above ``rows``: the statement size that carries them."""
     return 1 << (rows - 1).bit_length()
-
-
-class ClaimConflictError(Exception):
-    """Orders being claimed changed meanwhile; the claim was rolled back and can be tried again."""
-
-
-class StorageError(Exception):
-    """The database cannot be used; the message names the path and the problem."""
-
-    def __init__(self, message: str, exit_code: int = EX_IOERR) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-@dataclasses.dataclass(frozen=True)
-class RecoveryPlan:
-    """What start-up found: the marks, the runs stored above ``stored_through``, the missing numbers."""
-
-    high_water: int
-    stored_through: int
-    runs: tuple[Run, ...]
-    missing: tuple[range, ...]
-
-    @property
-    def stored_total(self) -> int:
-        """Rows stored: all of 1..stored_through plus those stored above it."""
-        return self.stored_through + sum(last - first + 1 for first, last in self.runs)
-
-    @property
-    def missing_total(self) -> int:
-        """How many numbers start-up must process first."""
-        return sum(len(missing) for missing in self.missing)
-
-
-def missing_ranges(through: int, high_water: int, runs: Sequence[Run]) -> list[range]:
-    """Return the numbers in ``(through, high_water]`` outside ``runs`` (sorted, disjoint), as ranges."""
-    missing = []
-    expected = through + 1
-    for first, last in runs:
-        if first > expected:
-            missing.append(range(expected, min(first, high_water + 1)))
-        expected = max(expected, last + 1)
-    if expected <= high_water:
-        missing.append(range(expected, high_water + 1))
-    return [numbers for numbers in missing if numbers]
 
 
 # What failed, by SQLite's extended result code (sqlite.org/rescode.html): a failed fsync is the one to
@@ -698,6 +616,14 @@ class Storage:
         result: bool = self._write(replace, "replacing a failed invoice")
         return result
 
+    def ledger(self, plan: RecoveryPlan) -> Ledger:
+        """Return the writer's bookkeeping, starting from what start-up found."""
+        return Ledger(self, plan)
+
+    def take_over(self) -> list[range]:
+        """Numbers another instance left (none: one instance per SQLite database)."""
+        return []
+
     def save_batch(self, batch: Batch, stored_through: int, runs: Sequence[Run] = ()) -> None:
         """Insert ``batch``, advance ``stored_through`` and save the ``runs`` above it, in one transaction."""
         most = self._rows_per_statement
@@ -712,18 +638,34 @@ class Storage:
         self._write(save, "committing invoices")
 
 
-def format_runs(runs: Sequence[Run]) -> str:
-    """Write runs as the column holds them: ``first-last`` pairs, comma-separated."""
-    return ",".join(f"{first}-{last}" for first, last in runs)
+class Ledger:
+    """What the writer commits through on SQLite.
 
+    ``stored_through`` and the runs above it are saved with every batch, which is what keeps recovery
+    from reading the table.
+    """
 
-def parse_runs(text: str) -> list[Run]:
-    """Read the runs column back (a damaged one is a damaged database)."""
-    runs = []
-    for pair in filter(None, text.split(",")):
-        first, _, last = pair.partition("-")
-        runs.append((int(first), int(last)))
-    return sorted(runs)
+    def __init__(self, storage: Storage, plan: RecoveryPlan) -> None:
+        self._storage = storage
+        self._stored = StoredRuns(plan.stored_through, plan.runs)
+
+    @property
+    def stored_through(self) -> int:
+        """Every number up to this one is stored (and committed)."""
+        return self._stored.through
+
+    @property
+    def gaps(self) -> int:
+        """Runs stored above stored_through: gaps left by work in flight (bounded by it)."""
+        return len(self._stored)
+
+    def commit(self, batch: Batch, numbers: Iterable[Sequence[int]]) -> None:
+        """Store ``batch`` (the rows of ``numbers``) and the marks they move, in one transaction."""
+        stored = self._stored.copy()  # moves on only after the commit
+        for part in numbers:
+            stored.add_numbers(part)
+        self._storage.save_batch(batch, stored.through, stored.runs())
+        self._stored = stored
 
 
 def _migrate_runs(cursor: sqlite3.Cursor) -> None:
