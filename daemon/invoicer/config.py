@@ -10,6 +10,7 @@ import dataclasses
 import importlib
 import itertools
 import os
+import re
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ MIN_INFLIGHT_BYTES = 64 * 1024
 MAX_INFLIGHT_BYTES = 512 * 1024 * 1024
 BYTE_UNITS = {"": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024**2, "MB": 1024**2, "MIB": 1024**2,
               "G": 1024**3, "GB": 1024**3, "GIB": 1024**3}
+MIN_LEASE_TIMEOUT = 2.0      # a renewal every third of it must fit a commit's round trips
+MAX_LEASE_TIMEOUT = 3600.0
 DEFAULT_PROCESSOR = "invoicer.processing:process"
 DATABASE_FILENAME = "invoices.db"
 
@@ -58,11 +61,24 @@ class Config:
     order_max_bytes: int = 4 * 1024 * 1024
     # Payload bytes of the orders between claim and commit, at most (one larger order goes alone).
     inflight_bytes: int = 8 * 1024 * 1024
+    # A libpq URI when INVOICER_DATABASE names a PostgreSQL database ("" for SQLite, at ``database``).
+    postgresql: str = ""
+    # Seconds an instance's blocks of numbers stay its own without a renewal (PostgreSQL): after that
+    # the other instances take over what it left unstored.
+    lease_timeout: float = 10.0
 
     def summary(self) -> dict[str, Any]:
         """Return the settings as a JSON-friendly dict for the start-up log record."""
-        return {f.name: str(getattr(self, f.name)) if f.name == "database" else getattr(self, f.name)
-                for f in dataclasses.fields(self)}
+        summary = {f.name: str(getattr(self, f.name)) if f.name == "database" else getattr(self, f.name)
+                   for f in dataclasses.fields(self)}
+        if self.postgresql:
+            summary["database"] = summary["postgresql"] = redact_uri(self.postgresql)
+        return summary
+
+    @property
+    def database_name(self) -> str:
+        """The database as logs may show it: the file, or the URI without its password."""
+        return redact_uri(self.postgresql) if self.postgresql else str(self.database)
 
 
 def _integer(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
@@ -167,10 +183,46 @@ def resolve_consumer_cpu(setting: str, allowed: Collection[int]) -> int | None:
     return int(setting)
 
 
+def redact_uri(uri: str) -> str:
+    """Return ``uri`` with any password in it replaced by ``***`` (for logs, STATUS= and messages)."""
+    scheme, sep, rest = uri.partition("://")
+    if sep:
+        end = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+        userinfo, at, hostpart = rest[:end].rpartition("@")
+        if at and ":" in userinfo:
+            rest = f"{userinfo.partition(':')[0]}:***@{hostpart}{rest[end:]}"
+        uri = f"{scheme}{sep}{rest}"
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", uri, flags=re.IGNORECASE)
+
+
+def postgresql_uri(env: Mapping[str, str]) -> str:
+    """Return INVOICER_DATABASE if it is a libpq URI (checked by libpq itself), else ""."""
+    from invoicer.storage import is_postgresql  # noqa: PLC0415  # storage imports the backends
+
+    raw = env.get("INVOICER_DATABASE", "").strip()
+    if not is_postgresql(raw):
+        return ""
+    try:
+        from psycopg import conninfo  # noqa: PLC0415  # an optional dependency
+    except ImportError:
+        raise ConfigError("INVOICER_DATABASE names a PostgreSQL database, but psycopg 3 is not installed "
+                          "(pip install 'invoicer[postgresql]', or apt install python3-psycopg)") from None
+    try:
+        parsed = conninfo.conninfo_to_dict(raw)
+    except Exception as exc:  # libpq's parser names the problem
+        reason = " ".join(str(exc).split()).replace(raw, redact_uri(raw))
+        raise ConfigError(f"INVOICER_DATABASE={redact_uri(raw)!r} is not a valid libpq URI ({reason}); "
+                          "expected postgresql://USER@HOST:PORT/DBNAME") from None
+    if not parsed.get("dbname"):
+        raise ConfigError(f"INVOICER_DATABASE={redact_uri(raw)!r} names no database; expected "
+                          "postgresql://USER@HOST:PORT/DBNAME")
+    return raw
+
+
 def database_path(env: Mapping[str, str]) -> Path:
     """Return the database path the environment names (INVOICER_DATABASE, else the default)."""
     raw = env.get("INVOICER_DATABASE", "")
-    if raw.strip():
+    if raw.strip() and not raw.strip().startswith(("postgresql://", "postgres://")):
         if "\0" in raw:
             raise ConfigError("INVOICER_DATABASE contains a NUL byte; expected a file path")
         return Path(raw)
@@ -227,6 +279,9 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
                                MAX_ORDER_BYTES),
         inflight_bytes=_bytes(env, "INVOICER_INFLIGHT_BYTES", Config.inflight_bytes, MIN_INFLIGHT_BYTES,
                               MAX_INFLIGHT_BYTES),
+        postgresql=postgresql_uri(env),
+        lease_timeout=_number(env, "INVOICER_LEASE_TIMEOUT", Config.lease_timeout, MIN_LEASE_TIMEOUT,
+                              MAX_LEASE_TIMEOUT, low_inclusive=True),
     )
 
 

@@ -32,7 +32,7 @@ from invoicer.observer import Observer, Snapshot, status_line
 from invoicer.outage import OutageBreaker
 from invoicer.pipeline import RESULTS_ROOM, ConsumerPool, Part, Producer, StorageWriter, chunk_for, max_chunk
 from invoicer.processing import order_checker
-from invoicer.storage import EX_TEMPFAIL, RecoveryPlan, Storage, StorageError
+from invoicer.storage import EX_TEMPFAIL, RecoveryPlan, StorageError, open_storage
 from invoicer.workqueue import WorkQueue
 
 log = logging.getLogger("invoicer")
@@ -41,6 +41,8 @@ EX_SOFTWARE = 70          # sysexits.h: an internal failure (a broken loop)
 # A drain that stays stalled (or paused by an outage) this long is abandoned, its numbers recovered at the
 # next start: below the unit's TimeoutStopSec=30s, so the daemon's own exit beats systemd's SIGKILL.
 DRAIN_STALL_S = 20.0
+SHARED_BLOCK_SECONDS = 0.25  # PostgreSQL's demo blocks: 1/8 to 1 s of work each ...
+SHARED_MIN_BLOCK = 16        # ... from 16 numbers up
 STALL_S = 10.0            # a commit or a reservation running this long means the storage is stalled
 WAIT_STEP_S = 0.05        # how often the main thread re-checks its events while it waits for a thread
 SAME_STOP_S = 0.25        # a stop signal this soon after the first is the same request, not a second one
@@ -64,7 +66,7 @@ class Daemon:
         self.config = config
         self._processor = processor
         self._notifier = notifier or Notifier()
-        self._storage = Storage(config.database)
+        self._storage = open_storage(config)
         # Signal handlers and failing threads only record here; the main thread acts on it.
         self._events: queue.SimpleQueue[tuple[str, Any, Any]] = queue.SimpleQueue()
         self._state = "starting"
@@ -114,7 +116,7 @@ class Daemon:
         self._producer.start()  # it starts the source once the recovered numbers are queued
         self._notifier.ready(status_line(self._snapshot(), 0.0))
         self._observer.start()
-        log.info("ready", extra={"workers": self.config.workers, "database": str(self.config.database),
+        log.info("ready", extra={"workers": self.config.workers, "database": self.config.database_name,
                                  "consumer_cpu": self._pool.cpu})
         self._record_reload(ok=True, message="started")
         return self._main_loop()
@@ -130,7 +132,7 @@ class Daemon:
         self._source: DemoSource | OrderSource
         if config.source == "demo":
             self._source = DemoSource(
-                InvoiceNumberGenerator(self._storage, plan.high_water, max_block_size=MAX_BLOCK_SIZE),
+                self._generator(plan),
                 Recovery(self._storage, self._budget, check, config.order_max_bytes))
         else:
             self._source = OrderSource(self._storage, plan.high_water, self._budget, check,
@@ -147,6 +149,13 @@ class Daemon:
         self._observer = Observer(self._snapshot, self._notifier, config.status_interval, self._watchdog,
                                   housekeeping=self._housekeeping, on_fatal=self._on_fatal,
                                   drain_stall=DRAIN_STALL_S)
+
+    def _generator(self, plan: RecoveryPlan) -> InvoiceNumberGenerator:
+        if self._storage.contiguous:
+            return InvoiceNumberGenerator(self._storage, plan.high_water, max_block_size=MAX_BLOCK_SIZE)
+        # PostgreSQL: a block is what a takeover, or a drain, must finish: keep it short
+        return InvoiceNumberGenerator(self._storage, plan.high_water, SHARED_MIN_BLOCK,
+                                      max_block_size=MAX_BLOCK_SIZE, block_seconds=SHARED_BLOCK_SECONDS)
 
     # -- recording (signal handlers and other threads) ------------------------------------------------
 
@@ -290,8 +299,10 @@ class Daemon:
         try:
             self._producer.stop()
             self._wait(self._producer.join)
-            self._source.stop()  # what it claimed and nobody took is given back by release() below
+            self._source.stop()  # what it claimed and nobody took is given back by release() below ...
             self._wait(self._source.join)
+            # ... or, where blocks stay owned (PostgreSQL), processed now
+            self._producer.finish(self._source.leftovers(), self._drain_abandoned)
             self._pool.retire_all()
             self._wait(self._pool.join)
             self._wait(self._pool.close)  # hands over what given-up calls left, while the writer runs
@@ -344,6 +355,11 @@ class Daemon:
                                              EX_SOFTWARE)
                 raise _AbandonDrainError(f"the processor's service stayed down for {DRAIN_STALL_S:g}s of "
                                          f"the drain ({snapshot.paused})", EX_TEMPFAIL)
+
+    def _drain_abandoned(self) -> bool:
+        """Act on events while a drain step waits (raising to abandon it); False: keep waiting."""
+        self._check_events()
+        return False
 
     def _check_events(self) -> None:
         """Act on every event recorded so far (signals, failures) without waiting."""

@@ -26,7 +26,8 @@ class InvoiceNumberGenerator:
     """
 
     def __init__(self, storage: Reserver, high_water: int, block_size: int = DEFAULT_BLOCK_SIZE, *,
-                 max_block_size: int | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 max_block_size: int | None = None, clock: Callable[[], float] = time.monotonic,
+                 block_seconds: float = BLOCK_SECONDS) -> None:
         """Reserve ``block_size`` numbers at a time; with ``max_block_size``, let the block follow the rate.
 
         A reservation is a durable transaction (an fsync) that the producer waits for while the
@@ -42,6 +43,7 @@ class InvoiceNumberGenerator:
         self._min_block = block_size
         self._max_block = max(block_size, max_block_size or block_size)
         self._clock = clock
+        self._block_seconds = block_seconds
         self._reserved_at: float | None = None
         self._block_size = block_size
         # Rule: _lock guards _next and _reserved_last. Any thread handing out or returning numbers takes
@@ -58,13 +60,22 @@ class InvoiceNumberGenerator:
             if self._next > self._reserved_last:
                 self._adapt_block()
                 first, last = self._storage.reserve(self._block_size)
-                if first != self._reserved_last + 1:
+                if not getattr(self._storage, "contiguous", True):  # blocks of instances interleave
+                    self._next = first
+                elif first != self._reserved_last + 1:
                     # One instance per database: a block that does not follow ours means someone else
                     # raised the mark, and handing out from it could leave a gap.
                     raise RuntimeError(f"reserved block {first}..{last} does not follow "
                                        f"{self._reserved_last}; is another writer using the database?")
                 self._reserved_last = last
             numbers = range(self._next, min(self._next + limit, self._reserved_last + 1))
+            self._next = numbers.stop
+            return numbers
+
+    def rest(self) -> range:
+        """Take every number left in the block reserved last (a drain on PostgreSQL finishes its blocks)."""
+        with self._lock:
+            numbers = range(self._next, self._reserved_last + 1)
             self._next = numbers.stop
             return numbers
 
@@ -77,9 +88,9 @@ class InvoiceNumberGenerator:
         now = self._clock()
         if self._reserved_at is not None:
             lasted = now - self._reserved_at
-            if lasted < BLOCK_SECONDS / 2:
+            if lasted < self._block_seconds / 2:
                 self._block_size = min(self._max_block, self._block_size * 2)
-            elif lasted > BLOCK_SECONDS * 4:
+            elif lasted > self._block_seconds * 4:
                 self._block_size = max(self._min_block, self._block_size // 2)
         self._reserved_at = now
 

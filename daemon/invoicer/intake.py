@@ -26,7 +26,9 @@ from typing import Any, overload
 from invoicer.generator import InvoiceNumberGenerator
 from invoicer.orders import InvalidOrder
 from invoicer.processing import InvoiceRequest
-from invoicer.storage import Batch, ClaimConflictError, Row, Storage
+from invoicer.storage import Batch, ClaimConflictError, Row
+
+Storage = Any  # a backend of invoicer.storage (SQLite's Storage, PostgresStorage)
 
 log = logging.getLogger("invoicer")
 
@@ -76,8 +78,10 @@ class OrderChunk(Sequence[int]):
         return f"OrderChunk({self.numbers.start}..{self.numbers.stop - 1})"
 
 
-def decode_payload(payload: bytes) -> str:
+def decode_payload(payload: bytes | str) -> str:
     """Return a stored payload as text; InvalidOrder if it is not UTF-8."""
+    if isinstance(payload, str):  # PostgreSQL's text is UTF-8 already
+        return payload
     try:
         return payload.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -179,6 +183,17 @@ class DemoSource:
         """Return the chunk last taken, unused."""
         self._generator.give_back(chunk)
 
+    def leftovers(self) -> list[range]:
+        """Return what a drain must still process: the rest of the last block (PostgreSQL keeps blocks)."""
+        if self._recovery is None or self._recovery.contiguous:
+            return []  # SQLite: Storage.release() gives the rest back
+        rest = self._generator.rest()
+        return [rest] if rest else []
+
+    def take_over(self) -> list[Recovered]:
+        """Work other instances left (see :class:`Recovery`)."""
+        return [] if self._recovery is None else self._recovery.take_over()
+
     def recover(self, numbers: range) -> list[Recovered]:
         """Return the work for recovered ``numbers`` (see :class:`Recovery`; without one, the numbers)."""
         return [numbers] if self._recovery is None else self._recovery.recover(numbers)
@@ -216,6 +231,7 @@ class OrderSource:
         self._on_fatal = on_fatal
         self._recovery = Recovery(storage, budget, check, max_order_bytes)
         self._block = MIN_CLAIM
+        self._room_wanted = 0  # bytes the next order needs before a claim can take it
         self._claimed_at: float | None = None
         self._reserved_last = high_water  # written by whoever claims (the claimer thread, once started)
         # Rule: _changed's lock guards _current, _offset, _ready and _last_issued. The producer takes,
@@ -318,8 +334,17 @@ class OrderSource:
         if room <= 0:
             self._budget.wait_room(1, IDLE_POLL_S)
             return None
+        self._room_wanted = 0
+        with self._storage.claiming(self._block, self._max_bytes, room) as claim:
+            chunk = self._pair(claim, room)
+        if self._room_wanted:  # the next order does not fit yet: wait for its room, not a poll
+            self._budget.wait_room(self._room_wanted, ROOM_WAIT_S)
+        return chunk
+
+    def _pair(self, claim: Any, room: int) -> OrderChunk | None:
+        """Check the orders ``claim`` read, and pair the valid ones with numbers (refuse the rest)."""
         block = self._block
-        waiting = self._storage.waiting_orders(block, self._max_bytes, room)
+        waiting = claim.waiting
         if not waiting:
             self.idle = True
             return None
@@ -344,11 +369,11 @@ class OrderSource:
                 rejected.append((order_id, refusal(exc)))
                 continue
             taken += size
-        if not valid and not rejected:  # the next order does not fit yet: wait for its room, not a poll
-            self._budget.wait_room(blocked, ROOM_WAIT_S)
+        if not valid and not rejected:  # waits outside the claim (a PostgreSQL one holds row locks)
+            self._room_wanted = blocked
             return None
         try:
-            first, last = self._storage.claim_orders([order_id for order_id, _, _ in valid], rejected)
+            first, last = claim.pair([order_id for order_id, _, _ in valid], rejected)
         except ClaimConflictError as exc:  # another program deleted a waiting order: read them again
             log.info("claim rolled back and tried again: %s", exc)
             return None
@@ -359,7 +384,7 @@ class OrderSource:
         self._adapt_block(full=len(waiting) == block)
         if not valid:
             return None
-        if first != self._reserved_last + 1:
+        if self._storage.contiguous and first != self._reserved_last + 1:
             raise RuntimeError(f"claimed numbers {first}..{last} do not follow {self._reserved_last}; "
                                "is another writer using the database?")
         self._reserved_last = last
@@ -384,6 +409,26 @@ class OrderSource:
             elif lasted > 4 * CLAIM_SECONDS:
                 self._block = max(MIN_CLAIM, self._block // 2)
         self._claimed_at = now if full else None
+
+    def leftovers(self) -> list[OrderChunk]:
+        """Return what a drain must still process: claimed orders not handed out (PostgreSQL keeps blocks).
+
+        On SQLite they are given back instead (Storage.release unpairs them). Call once claiming stopped.
+        """
+        if self._storage.contiguous:
+            return []
+        with self._changed:
+            rest = [] if self._left() == 0 or self._current is None else [self._current[self._offset:]]
+            rest += self._ready
+            self._ready.clear()
+            self._current, self._offset = None, 0
+            if rest:
+                self._last_issued = rest[-1].numbers[-1]
+            return rest
+
+    def take_over(self) -> list[Recovered]:
+        """Work other instances left (see :class:`Recovery`)."""
+        return self._recovery.take_over()
 
     @property
     def claimed_ahead(self) -> int:
@@ -412,6 +457,14 @@ class Recovery:
         self._budget = budget
         self._check = check
         self._max_bytes = max_order_bytes
+        self.contiguous = storage.contiguous
+
+    def take_over(self) -> list[Recovered]:
+        """Take over what another instance left unstored (PostgreSQL), as the work to recover it."""
+        work: list[Recovered] = []
+        for numbers in self._storage.take_over():
+            work += self.recover(numbers)
+        return work
 
     def recover(self, numbers: range) -> list[Recovered]:
         """Return the work for recovered ``numbers``: their paired orders, read again.

@@ -14,7 +14,7 @@ from invoicer.intake import recheck, refusal
 from invoicer.orders import InvalidOrder
 from invoicer.pipeline import failed_row, process_with_retries
 from invoicer.processing import InvoiceRequest, demo_request, order_checker
-from invoicer.storage import Row, Storage, StorageError, submit_orders
+from invoicer.storage import Row, Storage, StorageError, open_storage, submit_orders
 
 EX_OK = 0
 EX_STILL_FAILED = 1
@@ -28,7 +28,7 @@ def list_failed(config: Config, *, as_json: bool, out: TextIO = sys.stdout) -> i
 
 def _read_shared(config: Config, read: Callable[[Storage], list[Any]]) -> list[Any]:
     """Run ``read`` on the database opened read-only beside a running daemon."""
-    storage = Storage(config.database)
+    storage = open_storage(config)
     storage.open_shared()
     try:
         return read(storage)
@@ -52,9 +52,9 @@ def retry_failed(config: Config, ids: Sequence[int], out: TextIO = sys.stdout) -
     """
     processor = load_processor(config.processor)
     processing.set_delay_ms(config.processing_delay_ms)
-    storage = Storage(config.database)
+    storage = open_storage(config)
     try:
-        storage.open()
+        storage.open_shared() if config.postgresql else storage.open()
     except StorageError as exc:
         if "another invoicer instance" in str(exc):
             raise StorageError(f"{exc}; stop the daemon (systemctl stop invoicer) before "
@@ -164,9 +164,14 @@ def submit(config: Config, path: str, out: TextIO = sys.stdout) -> int:
     if not payloads:
         print(f"no orders in {source}: nothing submitted", file=out)
         return EX_OK
-    first, last = submit_orders(config.database, payloads)
+    if config.postgresql:
+        from invoicer.storage import postgresql  # noqa: PLC0415  # psycopg is optional
+
+        first, last = postgresql.submit_orders(config.postgresql, payloads)
+    else:
+        first, last = submit_orders(config.database, payloads)
     noun = "order" if len(payloads) == 1 else "orders"
-    print(f"submitted {len(payloads)} {noun} (ids {first}..{last}) to {config.database}", file=out)
+    print(f"submitted {len(payloads)} {noun} (ids {first}..{last}) to {config.database_name}", file=out)
     return EX_OK
 
 

@@ -13,6 +13,8 @@ from invoicer.outage import OutageBreaker
 from invoicer.pipeline import POLL_S, FatalHandler, Part
 from invoicer.workqueue import Chunk, WorkQueue
 
+TAKEOVER_POLL_S = 1.0  # how often to look for numbers other instances left (PostgreSQL)
+
 
 class Source(Protocol):
     """Where the producer takes work from (invoicer.intake: OrderSource, DemoSource)."""
@@ -22,6 +24,8 @@ class Source(Protocol):
     def take(self, limit: int) -> Chunk | None: ...
     def give_back(self, chunk: Any) -> None: ...
     def recover(self, numbers: range) -> Sequence[Chunk | Part]: ...
+    def take_over(self) -> Sequence[Chunk | Part]: ...
+    def leftovers(self) -> Sequence[Chunk]: ...
     def admit(self, chunk: object, timeout: float) -> bool: ...
     def start(self) -> None: ...
     @property
@@ -89,7 +93,11 @@ class Producer:
             # while recovered ones wait for room behind them.
             if not self._stop.is_set():
                 self._source.start()
+            look_at = 0.0
             while not self._stop.is_set():
+                if (now := time.monotonic()) >= look_at:  # others' unstored numbers before new work
+                    look_at = now + TAKEOVER_POLL_S
+                    self._take_over()
                 if self._breaker.paused:
                     self._breaker.wait_resumed(POLL_S)
                     continue
@@ -104,6 +112,25 @@ class Producer:
                     return
         except BaseException as exc:  # a broken producer must end the process loudly
             self._on_fatal("producer", exc)
+
+    def _take_over(self) -> None:
+        self.busy_since = time.monotonic()
+        work = self._source.take_over()
+        self.busy_since = 0.0
+        for item in work:
+            self._recover(item)
+
+    def finish(self, chunks: Sequence[Chunk], stop_waiting: Callable[[], bool]) -> bool:
+        """Queue what a drain must still process (the source's leftovers), once the thread has ended.
+
+        Returns False if ``stop_waiting()`` asked to give up first (the drain was abandoned).
+        """
+        for chunk in chunks:
+            while not self._work.put(chunk, timeout=POLL_S):
+                if stop_waiting():
+                    return False
+            self.queued_total += len(chunk)
+        return True
 
     def _recover(self, item: Chunk | Part) -> None:
         if isinstance(item, Part):  # failed rows: straight to the writer

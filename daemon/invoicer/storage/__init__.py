@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Sequence
-from typing import cast
+from typing import Any, cast
 
 # A processed invoice is stored from OK_WIDTH values, a failed one as a full Row of COLUMNS values.
 OK_WIDTH = 9   # id, customer, currency, subtotal, tax, total, document, attempts, order id (0: none)
@@ -203,6 +203,15 @@ def is_postgresql(database: str) -> bool:
     return database.startswith(("postgresql://", "postgres://"))
 
 
+def open_storage(config: Any) -> Any:
+    """Return the backend ``config`` names, not yet opened: PostgreSQL for a URI, else SQLite."""
+    if config.postgresql:
+        from invoicer.storage.postgresql import PostgresStorage  # noqa: PLC0415  # psycopg is optional
+
+        return PostgresStorage(config.postgresql, lease_timeout=config.lease_timeout)
+    return Storage(config.database)
+
+
 from invoicer.storage.sqlite import (  # noqa: E402  # it builds on the shared types above
     BUSY_TIMEOUT_S,
     SCHEMA_VERSION,
@@ -214,6 +223,6 @@ from invoicer.storage.sqlite import (  # noqa: E402  # it builds on the shared t
 __all__ = [
     "BUSY_TIMEOUT_S", "COLUMNS", "EX_IOERR", "EX_TEMPFAIL", "OK_WIDTH", "SCHEMA_VERSION", "Batch",
     "ClaimConflictError", "OkValues", "RecoveryPlan", "Row", "Run", "Storage", "StorageError",
-    "StoredRuns", "describe_error", "format_runs", "is_postgresql", "missing_ranges", "parse_runs",
-    "submit_orders",
+    "StoredRuns", "describe_error", "format_runs", "is_postgresql", "missing_ranges", "open_storage",
+    "parse_runs", "submit_orders",
 ]

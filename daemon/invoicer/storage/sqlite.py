@@ -286,6 +286,8 @@ class Storage:
     Built without side effects; ``open()`` takes the instance lock, opens and checks the database.
     """
 
+    contiguous = True  # one instance: each reservation follows the last
+
     def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
         self.path = path
         self._synchronous = synchronous
@@ -543,6 +545,15 @@ class Storage:
             except sqlite3.Error as exc:
                 raise describe_error(self.path, exc, doing) from exc
 
+    @contextlib.contextmanager
+    def claiming(self, limit: int, max_bytes: int, room: int) -> Iterator[SQLiteClaim]:
+        """One claim: the waiting orders that begin within ``room`` bytes, then ``pair``.
+
+        The read runs on the reading connection, outside the write transaction that pairs them, which
+        finds out (ClaimConflictError) if another program deleted one meanwhile.
+        """
+        yield SQLiteClaim(self, self.waiting_orders(limit, max_bytes, room))
+
     def claim_orders(self, order_ids: Sequence[int],
                      rejected: Sequence[tuple[int, str]]) -> tuple[int, int]:
         """Pair ``order_ids`` with the next numbers and mark ``rejected`` (id, reason), in one transaction.
@@ -636,6 +647,18 @@ class Storage:
                 _insert(cursor, ANY_SELECT, COLUMNS, failed, most)
             cursor.execute(ADVANCE_STORED_THROUGH, (stored_through, saved_runs))
         self._write(save, "committing invoices")
+
+
+class SQLiteClaim:
+    """A claim on SQLite: the waiting orders read, and ``pair`` to number them."""
+
+    def __init__(self, storage: Storage, waiting: list[tuple[int, bytes | None, int]]) -> None:
+        self._storage = storage
+        self.waiting = waiting
+
+    def pair(self, order_ids: Sequence[int], rejected: Sequence[tuple[int, str]]) -> tuple[int, int]:
+        """Pair ``order_ids`` with the next numbers and mark ``rejected`` (see Storage.claim_orders)."""
+        return self._storage.claim_orders(order_ids, rejected)
 
 
 class Ledger:
