@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -122,7 +123,7 @@ def notify_socket(short_tmp: Path) -> Iterator[NotifyListener]:
     listener.close()
 
 
-def daemon_env(database: Path, **overrides: str) -> dict[str, str]:
+def daemon_env(database: Path | str, **overrides: str) -> dict[str, str]:
     """An environment for ``invoicer run`` on ``database``, free of any inherited INVOICER_* setting."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("INVOICER_", "NOTIFY_SOCKET", "WATCHDOG_", "JOURNAL_STREAM"))}
@@ -176,7 +177,7 @@ def start_daemon(notify_socket: NotifyListener, short_tmp: Path) -> Iterator[Cal
     """Start ``invoicer run`` subprocesses with NOTIFY_SOCKET pointing at the listener; kill leftovers."""
     started: list[subprocess.Popen[str]] = []
 
-    def start(database: Path, *, notify: bool = True, python: str = sys.executable,
+    def start(database: Path | str, *, notify: bool = True, python: str = sys.executable,
               prefix: Sequence[str] = (), **env: str) -> Daemon:
         environment = daemon_env(database, **env)
         if notify:
@@ -244,3 +245,27 @@ def assert_gap_free(database: Path, *, clean: bool = True) -> TableFacts:
     if clean:
         assert facts.high_water == facts.max_id == facts.stored_through
     return facts
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real PostgreSQL 15 server for the whole run (each test makes a database of its own)."""
+    from tests.pg import PostgresServer, unavailable
+
+    reason = unavailable()
+    require(not reason, reason)
+    root = Path(tempfile.mkdtemp(prefix="invpg-", dir="/tmp"))  # short: the socket path is limited
+    server = PostgresServer(root)
+    server.init()
+    server.start()
+    yield server
+    server.remove()
+
+
+@pytest.fixture
+def pg_database(postgres_server: Any, request: pytest.FixtureRequest) -> str:
+    """A fresh database owned by the invoicer role; returns its socket URI."""
+    name = "t_" + "".join(c if c.isalnum() else "_" for c in request.node.name.lower())[:50]
+    postgres_server.sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    postgres_server.create_database(name)
+    return str(postgres_server.uri(name))

@@ -18,7 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
-PASSWORD = "s3cret-Pa55word"  # the invoicer role's, over TCP; the tests look for it where it must not be
+PASSWORD = "s3cret-Pa55word"  # noqa: S105  # the invoicer role's, over TCP; the tests look for it where it must not be
 ROLE = "invoicer"
 
 
@@ -39,7 +39,7 @@ def unavailable() -> str:
     except KeyError:
         return "no postgres user"
     try:
-        import psycopg  # noqa: F401, PLC0415
+        import psycopg  # noqa: F401
     except ImportError:
         return "psycopg is not installed (pip install '.[postgresql]')"
     return ""
@@ -65,7 +65,8 @@ class PostgresServer:
         assert found is not None
         self._bin: Path = found
 
-    def _as_postgres(self, *argv: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def _as_postgres(self, *argv: str, check: bool = True,
+                     timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["runuser", "-u", "postgres", "--", *argv], capture_output=True, text=True,
                               check=check, timeout=timeout, cwd="/")
 
@@ -95,8 +96,8 @@ class PostgresServer:
 
     def start(self) -> None:
         """Start the server and wait until it accepts connections."""
-        self._as_postgres(str(self._bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.root / "server.log"),
-                          "-w", "-t", "60", "start")
+        self._as_postgres(str(self._bin / "pg_ctl"), "-D", str(self.data), "-l",
+                          str(self.root / "server.log"), "-w", "-t", "60", "start")
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the server (``immediate``: as a crash would)."""
@@ -110,7 +111,7 @@ class PostgresServer:
 
     def sql(self, statement: str, dbname: str = "postgres") -> list[tuple[object, ...]]:
         """Run one statement as the superuser over the socket; return its rows."""
-        import psycopg  # noqa: PLC0415
+        import psycopg
         with psycopg.connect(host=str(self.socket_dir), port=self.port, user="postgres", dbname=dbname,
                              autocommit=True) as connection:
             cursor = connection.execute(statement.encode())
@@ -118,7 +119,7 @@ class PostgresServer:
 
     def create_database(self, name: str) -> None:
         """A database owned by the invoicer role (created with its password if missing)."""
-        if not self.sql(f"SELECT 1 FROM pg_roles WHERE rolname = '{ROLE}'"):
+        if not self.sql(f"SELECT 1 FROM pg_roles WHERE rolname = '{ROLE}'"):  # noqa: S608  # constants
             self.sql(f"CREATE ROLE {ROLE} LOGIN PASSWORD '{PASSWORD}'")
         self.sql(f"CREATE DATABASE {name} OWNER {ROLE}")
 

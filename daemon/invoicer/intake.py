@@ -190,8 +190,8 @@ class DemoSource:
         rest = self._generator.rest()
         return [rest] if rest else []
 
-    def take_over(self) -> list[Recovered]:
-        """Work other instances left (see :class:`Recovery`)."""
+    def take_over(self) -> list[range]:
+        """Numbers other instances left (see :class:`Recovery`)."""
         return [] if self._recovery is None else self._recovery.take_over()
 
     def recover(self, numbers: range) -> list[Recovered]:
@@ -426,8 +426,8 @@ class OrderSource:
                 self._last_issued = rest[-1].numbers[-1]
             return rest
 
-    def take_over(self) -> list[Recovered]:
-        """Work other instances left (see :class:`Recovery`)."""
+    def take_over(self) -> list[range]:
+        """Numbers other instances left (see :class:`Recovery`)."""
         return self._recovery.take_over()
 
     @property
@@ -459,12 +459,10 @@ class Recovery:
         self._max_bytes = max_order_bytes
         self.contiguous = storage.contiguous
 
-    def take_over(self) -> list[Recovered]:
-        """Take over what another instance left unstored (PostgreSQL), as the work to recover it."""
-        work: list[Recovered] = []
-        for numbers in self._storage.take_over():
-            work += self.recover(numbers)
-        return work
+    def take_over(self) -> list[range]:
+        """Take over what other instances left unstored (PostgreSQL); return those numbers."""
+        result: list[range] = self._storage.take_over()
+        return result
 
     def recover(self, numbers: range) -> list[Recovered]:
         """Return the work for recovered ``numbers``: their paired orders, read again.

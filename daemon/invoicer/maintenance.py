@@ -22,11 +22,12 @@ EX_STILL_FAILED = 1
 
 def list_failed(config: Config, *, as_json: bool, out: TextIO = sys.stdout) -> int:
     """Print the failed invoices: number, attempts, last error (or one JSON object per line)."""
-    _print_rows(_read_shared(config, Storage.failed), ("invoice", "attempts", "error"), as_json, out)
+    _print_rows(_read_shared(config, lambda storage: storage.failed()), ("invoice", "attempts", "error"),
+                as_json, out)
     return EX_OK
 
 
-def _read_shared(config: Config, read: Callable[[Storage], list[Any]]) -> list[Any]:
+def _read_shared(config: Config, read: Callable[[Any], list[Any]]) -> list[Any]:
     """Run ``read`` on the database opened read-only beside a running daemon."""
     storage = open_storage(config)
     storage.open_shared()
@@ -177,6 +178,6 @@ def submit(config: Config, path: str, out: TextIO = sys.stdout) -> int:
 
 def list_rejected(config: Config, *, as_json: bool, out: TextIO = sys.stdout) -> int:
     """Print the orders rejected before numbering: id, submitted at, reason (or JSON lines)."""
-    _print_rows(_read_shared(config, Storage.rejected_orders), ("order", "submitted_at", "reason"), as_json,
-                out)
+    _print_rows(_read_shared(config, lambda storage: storage.rejected_orders()),
+                ("order", "submitted_at", "reason"), as_json, out)
     return EX_OK

@@ -24,7 +24,7 @@ class Source(Protocol):
     def take(self, limit: int) -> Chunk | None: ...
     def give_back(self, chunk: Any) -> None: ...
     def recover(self, numbers: range) -> Sequence[Chunk | Part]: ...
-    def take_over(self) -> Sequence[Chunk | Part]: ...
+    def take_over(self) -> Sequence[range]: ...
     def leftovers(self) -> Sequence[Chunk]: ...
     def admit(self, chunk: object, timeout: float) -> bool: ...
     def start(self) -> None: ...
@@ -79,16 +79,7 @@ class Producer:
 
     def _run(self) -> None:
         try:
-            for missing in self._recovered:
-                position = 0
-                while position < len(missing):
-                    numbers = missing[position:position + self._chunk()]
-                    self.busy_since = time.monotonic()
-                    work = self._source.recover(numbers)
-                    self.busy_since = 0.0
-                    for item in work:
-                        self._recover(item)
-                    position += len(numbers)
+            self._recover_all(self._recovered)
             # Only now: a source claiming ahead could otherwise fill the byte budget with new orders
             # while recovered ones wait for room behind them.
             if not self._stop.is_set():
@@ -113,12 +104,24 @@ class Producer:
         except BaseException as exc:  # a broken producer must end the process loudly
             self._on_fatal("producer", exc)
 
+    def _recover_all(self, recovered: Sequence[range]) -> None:
+        """Queue the work for ``recovered`` numbers, a chunk at a time (each read with its orders)."""
+        for missing in recovered:
+            position = 0
+            while position < len(missing):
+                numbers = missing[position:position + self._chunk()]
+                self.busy_since = time.monotonic()
+                work = self._source.recover(numbers)
+                self.busy_since = 0.0
+                for item in work:
+                    self._recover(item)
+                position += len(numbers)
+
     def _take_over(self) -> None:
         self.busy_since = time.monotonic()
-        work = self._source.take_over()
+        missing = self._source.take_over()
         self.busy_since = 0.0
-        for item in work:
-            self._recover(item)
+        self._recover_all(missing)
 
     def finish(self, chunks: Sequence[Chunk], stop_waiting: Callable[[], bool]) -> bool:
         """Queue what a drain must still process (the source's leftovers), once the thread has ended.

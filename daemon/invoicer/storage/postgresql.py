@@ -52,6 +52,10 @@ EX_CONFIG = 78
 # One constant key for the schema's creation: several first starts at once create it once.
 SCHEMA_LOCK = 0x696E766F69636572  # "invoicer"
 CONNECT_TIMEOUT_S = 10
+# Errors after which the same transaction may simply be tried again.
+TRANSIENT = (psycopg.errors.DeadlockDetected, psycopg.errors.LockNotAvailable,
+             psycopg.errors.SerializationFailure)
+RETRIES = 3
 COLUMNS_SQL = "id, status, customer, currency, subtotal, tax, total, document, error, attempts, order_id"
 
 SCHEMA = (
@@ -163,28 +167,61 @@ TAKE_BLOCK = """
 OTHER_OWNERS = ("SELECT DISTINCT owner_key FROM invoice_blocks WHERE owner <> %(owner)s"
                 " AND expires >= now()")
 EXPIRE_OWNER = "UPDATE invoice_blocks SET expires = now() - interval '1 second' WHERE owner_key = %(key)s"
-# Sessions of instances whose blocks stayed expired for a whole lease, untaken: they hold the blocks'
-# row locks in a transaction they are not finishing (paused, or cut off): end them.
+# Sessions of an instance whose blocks stayed expired, and locked, for a whole lease: a transaction it
+# has held open that long (paused inside it, or cut off) keeps the others from its blocks: end them.
 END_ZOMBIES = """
     SELECT pg_terminate_backend(activity.pid), activity.application_name
     FROM pg_stat_activity AS activity
     WHERE activity.datname = current_database() AND activity.pid <> pg_backend_pid()
+      AND activity.state <> 'idle' AND activity.xact_start < now() - %(lease)s * interval '1 second'
       AND activity.application_name IN (
           SELECT 'invoicer:' || owner FROM invoice_blocks
           WHERE expires < now() - %(lease)s * interval '1 second')"""
+TAKEOVERS_PER_LOOK = 64  # blocks one look may take over (each is its own short transaction)
+
+
+def _schema_version(connection: psycopg.Connection[Any]) -> int | None:
+    """Return the schema's version, or None where there is none yet (takes no table lock)."""
+    row = connection.execute("SELECT to_regclass('invoicer_schema') IS NOT NULL").fetchone()
+    if not row or not row[0]:
+        return None
+    found = connection.execute("SELECT max(version) FROM invoicer_schema").fetchone()
+    return None if not found or found[0] is None else int(found[0])
+
+
+def _create_schema(connection: psycopg.Connection[Any]) -> None:
+    """Create the schema once, however many instances start at once.
+
+    Only where it is missing: its DDL takes table locks (CREATE INDEX IF NOT EXISTS a SHARE lock even
+    when the index exists) that running instances' commits would deadlock with.
+    """
+    # A session lock, then a transaction of its own: a transaction that waited for the lock would still
+    # see its start's cached "no such table" and create the schema a second time (seen: 3 of 5 starts).
+    connection.execute("SELECT pg_advisory_lock(%s)", (SCHEMA_LOCK,))
+    try:
+        with connection.transaction():
+            if _schema_version(connection) is not None:
+                return  # another instance created it while this one waited for the lock
+            for statement in SCHEMA:
+                connection.execute(statement.encode())
+            connection.execute("INSERT INTO invoicer_schema VALUES (%s)", (SCHEMA_VERSION,))
+    finally:
+        connection.execute("SELECT pg_advisory_unlock(%s)", (SCHEMA_LOCK,))
 
 
 class FencedError(StorageError):
     """An instance lost a block to another one (its lease expired): it must not store its numbers."""
 
 
-def _error(uri: str, exc: BaseException, doing: str = "") -> StorageError:
+def _error(uri: str, exc: BaseException, doing: str = "") -> StorageError:  # noqa: PLR0911  # one per kind
     """Turn a psycopg error into a one-line StorageError; the exit code says whether to try again."""
     from invoicer.config import redact_uri  # noqa: PLC0415  # config imports storage
 
     where = redact_uri(uri)
     during = f" while {doing}" if doing else ""
     text = " ".join(str(exc).split()).replace(uri, where)
+    if isinstance(exc, TRANSIENT):
+        return StorageError(f"database {where}: {text}{during}", EX_TEMPFAIL)
     if isinstance(exc, psycopg.OperationalError):
         lowered = text.lower()
         if ("invalid" in lowered and "connection option" in lowered) or "invalid integer value" in lowered:
@@ -192,12 +229,11 @@ def _error(uri: str, exc: BaseException, doing: str = "") -> StorageError:
         refused = ("password authentication failed", "no pg_hba.conf entry", "does not exist")
         if any(reason in lowered for reason in refused):  # a wrong password, role or database name
             return StorageError(f"database {where}: the server refused the connection ({text})", EX_CONFIG)
-        return StorageError(f"database {where} cannot be reached{during} ({text})", EX_TEMPFAIL)
+        if doing != "connecting":  # ended by the server, a restart, pg_terminate_backend, the network
+            return StorageError(f"database {where}: the connection was lost{during} ({text})", EX_TEMPFAIL)
+        return StorageError(f"database {where} cannot be reached ({text})", EX_TEMPFAIL)
     if isinstance(exc, psycopg.errors.InsufficientPrivilege):
         return StorageError(f"database {where}: permission denied{during} ({text})", EX_CONFIG)
-    if isinstance(exc, psycopg.errors.LockNotAvailable | psycopg.errors.QueryCanceled
-                  | psycopg.errors.SerializationFailure | psycopg.errors.DeadlockDetected):
-        return StorageError(f"database {where}: {text}{during}", EX_TEMPFAIL)
     return StorageError(f"database {where}: {type(exc).__name__}: {text}{during}", EX_IOERR)
 
 
@@ -322,17 +358,12 @@ class PostgresStorage:
             self._writer = self._connect()
             self._claimer = self._connect()
             self._leaser = self._connect()
-            with self._writer.transaction():
-                self._writer.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
-                for statement in SCHEMA:
-                    self._writer.execute(statement.encode())
-                row = self._writer.execute("SELECT max(version) FROM invoicer_schema").fetchone()
-                version = row[0] if row else None
-                if version is None:
-                    self._writer.execute("INSERT INTO invoicer_schema VALUES (%s)", (SCHEMA_VERSION,))
-                elif version > SCHEMA_VERSION:
-                    raise StorageError(f"database {self.path} has schema version {version}, newer than "
-                                       f"this invoicer's {SCHEMA_VERSION}; upgrade invoicer")
+            version = _schema_version(self._writer)
+            if version is None or version < SCHEMA_VERSION:
+                _create_schema(self._writer)
+            elif version > SCHEMA_VERSION:
+                raise StorageError(f"database {self.path} has schema version {version}, newer than "
+                                   f"this invoicer's {SCHEMA_VERSION}; upgrade invoicer")
             self._leaser.execute("SELECT pg_advisory_lock(%s)", (self.owner_key,))
         except StorageError:
             self.close()
@@ -438,10 +469,20 @@ class PostgresStorage:
         """Nothing to give back: a drain processes every number this instance owns."""
 
     def take_over(self) -> list[range]:
-        """Take over one block another instance left (lease expired, or its session gone).
+        """Take over the blocks other instances left (lease expired, or their session gone).
 
-        Returns the block's numbers that are not stored yet, as ranges (none: nothing to take over).
+        Returns the numbers in them that are not stored yet, as ranges (none: nothing to take over).
         """
+        missing: list[range] = []
+        for _ in range(TAKEOVERS_PER_LOOK):
+            taken = self._take_over_one()
+            if taken is None:
+                break
+            missing += taken
+        return missing
+
+    def _take_over_one(self) -> list[range] | None:
+        """Take over one block; None when there is none to take."""
         with self._claim_lock:
             try:
                 connection = self._connection(self._claimer)
@@ -450,7 +491,7 @@ class PostgresStorage:
                     found = connection.execute(TAKE_EXPIRED).fetchone()
                     if found is None:
                         self._end_zombies(connection)
-                        return []
+                        return None
                     first, last, previous = int(found[0]), int(found[1]), found[2]
                     epoch_row = connection.execute(TAKE_BLOCK, {**self._block_args(0), "first": first})
                     epoch = int(epoch_row.fetchone()[0])  # type: ignore[index]
@@ -618,6 +659,19 @@ class PostgresLedger:
                               EX_TEMPFAIL) from None
         firsts = sorted(counts)
         finished = blocks.finishing(counts)
+        for attempt in range(1, RETRIES + 1):
+            try:
+                self._commit(batch, counts, firsts, finished)
+                break
+            except StorageError as exc:
+                if not isinstance(exc.__cause__, TRANSIENT) or attempt == RETRIES:
+                    raise
+                log.warning("commit tried again: %s", exc)
+        blocks.stored(counts)
+
+    def _commit(self, batch: Batch, counts: dict[int, int], firsts: list[int], finished: list[int]) -> None:
+        storage = self._storage
+        blocks = storage.blocks
         with storage._write_lock:
             connection = storage._connection(storage._writer)
             try:
@@ -646,7 +700,6 @@ class PostgresLedger:
                 raise
             except psycopg.Error as exc:
                 raise _error(storage.uri, exc, "committing invoices") from exc
-        blocks.stored(counts)
 
     def _hand_back(self) -> None:
         """Expire every block still this instance's, so that the others take them over at once."""
@@ -663,10 +716,9 @@ def submit_orders(uri: str, payloads: Sequence[str]) -> tuple[int, int]:
     """
     connection = PostgresStorage(uri)._connect()
     try:
+        if _schema_version(connection) is None:
+            _create_schema(connection)
         with connection.transaction():
-            connection.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
-            for statement in SCHEMA:
-                connection.execute(statement.encode())
             ids = [int(order_id) for (order_id,) in connection.execute(
                 "INSERT INTO orders (payload) SELECT payload FROM unnest(%s::text[]) WITH ORDINALITY"
                 " AS submitted (payload, position) ORDER BY position RETURNING id", (list(payloads),))]
