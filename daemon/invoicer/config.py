@@ -213,7 +213,7 @@ def postgresql_uri(env: Mapping[str, str]) -> str:
         reason = " ".join(str(exc).split()).replace(raw, redact_uri(raw))
         raise ConfigError(f"INVOICER_DATABASE={redact_uri(raw)!r} is not a valid libpq URI ({reason}); "
                           "expected postgresql://USER@HOST:PORT/DBNAME") from None
-    for port in filter(None, (parsed.get("port") or "").split(",")):
+    for port in filter(None, str(parsed.get("port") or "").split(",")):
         if not port.isdigit() or not 0 < int(port) < 65536:
             raise ConfigError(f"INVOICER_DATABASE={redact_uri(raw)!r}: port {port!r} is not a TCP port "
                               "(1..65535)")
