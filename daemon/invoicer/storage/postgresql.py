@@ -34,6 +34,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import psycopg
+from psycopg import conninfo
 
 from invoicer.storage import (
     EX_IOERR,
@@ -343,12 +344,22 @@ class PostgresStorage:
     def _connect(self) -> psycopg.Connection[Any]:
         # Each session ends itself if a pause strands it inside a transaction, and gives up waiting for
         # a lock before a lease could run out; application_name lets the others find a zombie's sessions.
+        # Over TCP, both ends give up on a silent peer within about a lease: the client's unacknowledged
+        # writes (tcp_user_timeout), the server's idle session (keepalives), so a lost host's session
+        # and its locks go away. A URI's own settings win.
         half = max(1, int(self.lease * 500))
+        idle = max(1, int(self.lease / 2))
+        given = conninfo.conninfo_to_dict(self.uri)
+        extra: dict[str, Any] = {key: value for key, value in (("tcp_user_timeout", int(self.lease * 1000)),
+                                                ("keepalives_idle", idle), ("keepalives_interval", 1),
+                                                ("keepalives_count", 3)) if key not in given}
         try:
             return psycopg.connect(
                 self.uri, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
                 application_name=f"invoicer:{self.owner}",
-                options=f"-c idle_in_transaction_session_timeout={half} -c lock_timeout={half}")
+                options=f"-c idle_in_transaction_session_timeout={half} -c lock_timeout={half}"
+                        f" -c tcp_keepalives_idle={idle} -c tcp_keepalives_interval=1"
+                        " -c tcp_keepalives_count=3", **extra)
         except psycopg.Error as exc:
             raise _error(self.uri, exc, "connecting") from exc
 
