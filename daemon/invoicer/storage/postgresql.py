@@ -227,7 +227,8 @@ def _error(uri: str, exc: BaseException, doing: str = "") -> StorageError:  # no
         lowered = text.lower()
         if ("invalid" in lowered and "connection option" in lowered) or "invalid integer value" in lowered:
             return StorageError(f"database {where}: the URI is not usable ({text})", EX_CONFIG)
-        refused = ("password authentication failed", "no pg_hba.conf entry", "does not exist")
+        refused = ("password authentication failed", "no password supplied", "no pg_hba.conf entry",
+                   "does not exist")
         if any(reason in lowered for reason in refused):  # a wrong password, role or database name
             return StorageError(f"database {where}: the server refused the connection ({text})", EX_CONFIG)
         if doing != "connecting":  # ended by the server, a restart, pg_terminate_backend, the network
