@@ -13,10 +13,12 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.conftest import assert_gap_free, daemon_env
+from tests.pg import PASSWORD
 from tests.systemd_harness import UserManager, missing_requirements
 from tests.test_systemd import database, rate_of, status, wait_until, write_environment
 
@@ -120,6 +122,74 @@ def test_installed_unit_starts_reloads_and_stops(manager: UserManager) -> None:
     manager.systemctl("stop", UNIT)
     assert status(manager)["Result"] == "success"
     assert_gap_free(database(manager))
+
+
+TEMPLATE = "invoicer@.service"
+INSTALLED_TEMPLATE = Path("/lib/systemd/system/invoicer@.service")
+
+
+def test_installed_binary_runs_against_postgresql_with_debians_psycopg(
+        postgres_server: Any, tmp_path: Path) -> None:
+    """/usr/bin/invoicer on Debian's python3 and python3-psycopg (the Recommends): submit, run, drain."""
+    from tests.test_postgresql import assert_gap_free as assert_pg_gap_free
+    from tests.test_postgresql import assert_orders_invoiced_once, count
+
+    postgres_server.sql("DROP DATABASE IF EXISTS installed_binary WITH (FORCE)")
+    postgres_server.create_database("installed_binary")
+    uri = postgres_server.uri("installed_binary")
+    env = {**daemon_env(uri), "INVOICER_SOURCE": "orders", "PYTHONPATH": ""}
+    orders = "/usr/share/doc/invoicer/examples/orders.jsonl"
+    submitted = subprocess.run(["/usr/bin/invoicer", "submit", orders], env=env, capture_output=True,
+                               text=True, check=False, cwd=tmp_path)
+    assert submitted.returncode == 0, submitted.stderr
+    daemon = subprocess.Popen(["/usr/bin/invoicer", "run"], env=env, stdout=subprocess.DEVNULL, cwd=tmp_path)
+    wait_until(lambda: count(uri) == 20, what="the 20 sample orders invoiced")
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(30) == 0
+    assert_pg_gap_free(uri)
+    assert_orders_invoiced_once(uri, 20)
+
+
+def test_installed_template_runs_two_instances_on_postgresql(postgres_server: Any) -> None:
+    """The installed invoicer@.service, two instances on one database: stop one, the other goes on."""
+    from tests.test_postgresql import assert_gap_free as assert_pg_gap_free
+    from tests.test_postgresql import count
+
+    assert INSTALLED_TEMPLATE.exists()
+    postgres_server.sql("DROP DATABASE IF EXISTS installed_template WITH (FORCE)")
+    postgres_server.create_database("installed_template")
+    check = postgres_server.uri("installed_template")
+    harness = UserManager()
+    try:
+        harness.start()
+        shutil.copy(INSTALLED_TEMPLATE, harness.units / TEMPLATE)
+        (harness.units / f"{TEMPLATE}.d").mkdir()
+        pgpass = harness.root / "pgpass"
+        pgpass.write_text(f"127.0.0.1:{postgres_server.port}:*:invoicer:{PASSWORD}\n")
+        pgpass.chmod(0o600)
+        shipped = Path("/usr/share/doc/invoicer/examples/postgresql.conf").read_text()
+        (harness.units / f"{TEMPLATE}.d" / "postgresql.conf").write_text(
+            shipped.replace("IPAddressAllow=192.0.2.20", "IPAddressAllow=127.0.0.1")
+            .replace("LoadCredential=pgpass:/etc/invoicer/pgpass", f"LoadCredential=pgpass:{pgpass}")
+            .replace("Environment=PGPASSFILE=%d/pgpass", f"Environment=PGPASSFILE={pgpass}"))
+        (harness.units / f"{TEMPLATE}.d" / "test.conf").write_text(DROP_IN + "User=\n")
+        harness.systemctl("daemon-reload")
+        write_environment(harness, INVOICER_DATABASE=f"postgresql://invoicer@127.0.0.1:{postgres_server.port}"
+                          "/installed_template", INVOICER_SOURCE="demo", INVOICER_WORKERS="4",
+                          INVOICER_PROCESSING_DELAY_MS="2", INVOICER_STATUS_INTERVAL="0.2")
+        harness.systemctl("start", "invoicer@1", "invoicer@2")
+        wait_until(lambda: count(check) >= 1000, what="1,000 invoices")
+        harness.systemctl("stop", "invoicer@1")
+        stored = count(check)
+        wait_until(lambda: count(check) >= stored + 500, what="the other instance going on")
+        harness.systemctl("stop", "invoicer@2")
+        for unit in ("invoicer@1", "invoicer@2"):
+            assert harness.show(unit, "Result")["Result"] == "success"
+        assert PASSWORD not in harness.journal("-o", "json")
+    finally:
+        harness.systemctl("stop", "invoicer@1", "invoicer@2", check=False, timeout=60)
+        harness.stop()
+    assert_pg_gap_free(check)
 
 
 def test_purge_leaves_only_the_database() -> None:
