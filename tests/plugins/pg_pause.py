@@ -33,16 +33,16 @@ def _commit_pausing_first(self: PostgresLedger, *args: Any) -> None:
     _commit(self, *args)
 
 
-_write_row = psycopg.Copy.write_row
+_write = psycopg.Copy.write
 
 
-def _write_row_pausing_first(self: psycopg.Copy, row: Any) -> None:
+def _write_pausing_first(self: psycopg.Copy, buffer: Any) -> None:
     _pause_if_asked("in-copy")
-    _write_row(self, row)
+    _write(self, buffer)
 
 
 PostgresLedger._commit = _commit_pausing_first  # type: ignore[method-assign,assignment]
-psycopg.Copy.write_row = _write_row_pausing_first  # type: ignore[method-assign]
+psycopg.Copy.write = _write_pausing_first  # type: ignore[method-assign]
 
 
 def process(request: InvoiceRequest) -> Invoice:
