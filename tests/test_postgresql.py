@@ -246,15 +246,21 @@ def stopped(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
 
 
+LOST = "the connection was lost"
+
+
 @pytest.mark.parametrize(("pause_at", "ends_with", "other_says"), [
-    # Outside a transaction: the lease runs out, the others take over, and its next commit fails the fence.
-    ("before-commit", "taken over by another instance", "took over"),
-    # Inside one, holding its blocks' row locks while the server waits for COPY data: the others end its
-    # sessions once its lease has been expired for a whole lease, then take over.
-    ("in-copy", "the connection was lost while committing invoices", "ended the session"),
+    # Outside the commit: the lease runs out, the others take over, and its next commit fails the fence.
+    # (Its other threads stop where they are: one inside a reservation's transaction has its session
+    # ended instead, by the idle-in-transaction timeout or by the others.)
+    ("before-commit", ("taken over by another instance", LOST), "took over"),
+    # Inside the commit, holding its blocks' row locks while the server waits for COPY data: the others
+    # end its sessions once its lease has been expired for a whole lease, then take over.
+    ("in-copy", (f"{LOST} while committing invoices",), "ended the session"),
 ])
 def test_a_paused_instance_is_fenced_and_stores_nothing_it_lost(  # noqa: PLR0917  # a row and 3 fixtures
-        pause_at: str, ends_with: str, other_says: str, pg_database: str, start_daemon: Callable[..., Daemon],
+        pause_at: str, ends_with: tuple[str, ...], other_says: str, pg_database: str,
+        start_daemon: Callable[..., Daemon],
         short_tmp: Path) -> None:
     uri = pg_database
     flag = short_tmp / "pause"
@@ -272,7 +278,7 @@ def test_a_paused_instance_is_fenced_and_stores_nothing_it_lost(  # noqa: PLR091
     zombie.signal(signal.SIGCONT)
     code, log = zombie.wait(30)
     assert code == EX_TEMPFAIL, log[-2000:]
-    assert ends_with in log
+    assert any(end in log for end in ends_with), log[-1500:]
     (other_log,) = stop_all([other])
     assert other_says in other_log
     assert_gap_free(uri)
