@@ -17,6 +17,7 @@ from invoicer.config import (
     ConfigError,
     cpu_list,
     load_config,
+    redact_uri,
     resolve_consumer_cpu,
 )
 from tests.conftest import daemon_env
@@ -60,6 +61,11 @@ BAD_VALUES = [
     ("INVOICER_INFLIGHT_BYTES", "negative", "-1"),
     ("INVOICER_INFLIGHT_BYTES", "too-small", "63K"),
     ("INVOICER_INFLIGHT_BYTES", "too-large", "65G"),
+    ("INVOICER_LEASE_TIMEOUT", "too-short", "1.5"),
+    ("INVOICER_LEASE_TIMEOUT", "too-long", "3601"),
+    ("INVOICER_LEASE_TIMEOUT", "not-a-number", "ten"),
+    ("INVOICER_DATABASE", "bad-uri-option", "postgresql://u@h/db?bogus=1"),
+    ("INVOICER_DATABASE", "bad-uri-port", "postgresql://u@h:99999/db"),
 ]
 
 
@@ -92,6 +98,20 @@ def test_valid_values_are_taken() -> None:
 def test_sizes_take_binary_units(value: str, size: int) -> None:
     """Sizes are bytes or K, M, G (KB, KiB, ...: all powers of 1024) in any case; empty is the default."""
     assert load_config({"INVOICER_INFLIGHT_BYTES": value}).inflight_bytes == size
+
+
+def test_a_postgresql_uri_is_kept_as_given_and_shown_without_its_password() -> None:
+    """A libpq URI selects PostgreSQL, unchanged (the socket form too); summaries redact the password."""
+    pytest.importorskip("psycopg")
+    socket_form = "postgresql:///invoices?host=/run/postgresql&port=5433"
+    assert load_config({"INVOICER_DATABASE": socket_form}).postgresql == socket_form
+    config = load_config({"INVOICER_DATABASE": "postgresql://inv:p%40ss:w0rd@db.example:5432/invoices"
+                                               "?sslmode=require", "INVOICER_LEASE_TIMEOUT": "2"})
+    assert config.postgresql.startswith("postgresql://inv:p%40ss:w0rd@")
+    assert config.lease_timeout == 2.0
+    assert config.summary()["database"] == "postgresql://inv:***@db.example:5432/invoices?sslmode=require"
+    assert "w0rd" not in json.dumps(config.summary())
+    assert redact_uri("postgresql://u@h/db?password=secret&x=1") == "postgresql://u@h/db?password=***&x=1"
 
 
 def test_a_size_in_g_is_read_and_judged_by_its_range() -> None:

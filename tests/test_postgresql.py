@@ -168,6 +168,25 @@ def test_sigkill_of_the_only_instance_is_recovered_by_its_restart_at_once(
     assert_gap_free(uri)
 
 
+def test_reload_and_the_watchdog_work_on_postgresql(pg_database: str, start_daemon: Callable[..., Daemon],
+                                                   short_tmp: Path) -> None:
+    uri = pg_database
+    environment_file = short_tmp / "invoicer.env"
+    environment_file.write_text("INVOICER_WORKERS=4\n")
+    daemon = start_daemon(uri, INVOICER_ENVIRONMENT_FILE=str(environment_file), INVOICER_WORKERS="4",
+                          WATCHDOG_USEC="2000000", INVOICER_PROCESSING_DELAY_MS="2")
+    daemon.wait_ready()
+    assert daemon.notify is not None
+    daemon.notify.wait_for(lambda m: m == "WATCHDOG=1", 10, daemon.process.pid)
+    environment_file.write_text("INVOICER_WORKERS=9\n")
+    daemon.signal(signal.SIGHUP)
+    daemon.notify.wait_for(lambda m: "STATUS=running: 9 workers" in m, 10, daemon.process.pid)
+    daemon.notify.wait_for(lambda m: m == "WATCHDOG=1", 10, daemon.process.pid)
+    (log,) = stop_all([daemon])
+    assert '"message": "reloaded"' in log
+    assert_gap_free(uri)
+
+
 def test_orders_are_invoiced_once_each_in_submission_order_on_one_instance(
         pg_database: str, start_daemon: Callable[..., Daemon]) -> None:
     uri = pg_database

@@ -215,8 +215,8 @@ def postgresql_uri(env: Mapping[str, str]) -> str:
                           "expected postgresql://USER@HOST:PORT/DBNAME") from None
     for port in filter(None, str(parsed.get("port") or "").split(",")):
         if not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(f"INVOICER_DATABASE={redact_uri(raw)!r}: port {port!r} is not a TCP port "
-                              "(1..65535)")
+            raise ConfigError(f"INVOICER_DATABASE={redact_uri(raw)!r}: port {port!r} is not a TCP port; "
+                              "expected 1..65535")
     return raw
 
 
