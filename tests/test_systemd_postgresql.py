@@ -14,6 +14,9 @@ line of the shipped drop-in but point PGPASSFILE at the file itself; the credent
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,6 +53,18 @@ def test_the_template_is_the_single_unit_but_for_its_instance_lines() -> None:
     assert set(single) - set(template) == SINGLE_ONLY
     assert [line for line in template if line not in TEMPLATE_ONLY] == \
         [line for line in single if line not in SINGLE_ONLY]
+
+
+def test_the_template_rates_as_safe_as_the_single_unit(tmp_path: Path) -> None:
+    """systemd-analyze security --offline=true scores an instance of the template at 1.0 or better."""
+    require(shutil.which("systemd-analyze") is not None, "systemd-analyze is needed")
+    instance = tmp_path / "invoicer@check.service"
+    instance.write_text((REPO / TEMPLATE).read_text())
+    result = subprocess.run(["systemd-analyze", "security", "--offline=true", str(instance)],
+                            capture_output=True, text=True, timeout=60, check=False)
+    match = re.search(r"Overall exposure level for invoicer@check\.service: ([\d.]+)", result.stdout)
+    assert match, result.stdout[-500:] + result.stderr
+    assert float(match.group(1)) <= 1.0
 
 
 def postgresql_drop_in(pgpass: Path) -> str:
