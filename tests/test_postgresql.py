@@ -332,6 +332,35 @@ def test_a_terminated_connection_ends_the_instance_and_loses_nothing(
     assert_gap_free(uri)
 
 
+def test_a_shared_database_other_schemas_and_an_audit_trigger_keep_working(
+        pg_database: str, postgres_server: Any, start_daemon: Callable[..., Daemon]) -> None:
+    """The daemon's tables in a schema the operator chose; another role's audit trigger sees every row."""
+    name = pg_database.split("/")[3].split("?", maxsplit=1)[0]
+    for statement in (
+            "CREATE TABLE public.invoices (note text)",  # someone else's table of the same name
+            "CREATE SCHEMA billing AUTHORIZATION invoicer",
+            "DO $$ BEGIN CREATE ROLE auditor NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$",
+            "CREATE SCHEMA audit AUTHORIZATION auditor",
+            "CREATE TABLE audit.log (invoice bigint, seen timestamptz DEFAULT now())",
+            "ALTER TABLE audit.log OWNER TO auditor",
+            "CREATE FUNCTION audit.record() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$"
+            " BEGIN INSERT INTO audit.log (invoice) VALUES (NEW.id); RETURN NEW; END $$",
+            "ALTER FUNCTION audit.record() OWNER TO auditor"):
+        postgres_server.sql(statement, dbname=name)
+    uri = pg_database + "&options=-csearch_path%3Dbilling"
+    create_schema(uri)
+    postgres_server.sql("CREATE TRIGGER audited AFTER INSERT ON billing.invoices FOR EACH ROW"
+                        " EXECUTE FUNCTION audit.record()", dbname=name)
+    daemon = start_daemon(uri, INVOICER_WORKERS="8", INVOICER_PROCESSING_DELAY_MS="1")
+    daemon.wait_ready()
+    assert wait_for(lambda: count(uri) >= 2000, 30)
+    stop_all([daemon])
+    assert_gap_free(uri)
+    audited = postgres_server.sql("SELECT count(*), count(DISTINCT invoice) FROM audit.log", dbname=name)
+    assert audited == [(count(uri), count(uri))]
+    assert postgres_server.sql("SELECT count(*) FROM public.invoices", dbname=name) == [(0,)]
+
+
 # -- bad configuration, unreachable servers, secrets ---------------------------------------------------
 
 

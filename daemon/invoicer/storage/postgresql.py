@@ -353,16 +353,18 @@ class PostgresStorage:
         half = max(1, int(self.lease * 500))
         idle = max(1, int(self.lease / 2))
         given = conninfo.conninfo_to_dict(self.uri)
-        extra: dict[str, Any] = {key: value for key, value in (("tcp_user_timeout", int(self.lease * 1000)),
-                                                ("keepalives_idle", idle), ("keepalives_interval", 1),
-                                                ("keepalives_count", 3)) if key not in given}
+        extra: dict[str, Any] = {key: value for key, value in (
+            ("tcp_user_timeout", int(self.lease * 1000)), ("keepalives_idle", idle),
+            ("keepalives_interval", 1), ("keepalives_count", 3), ("connect_timeout", CONNECT_TIMEOUT_S))
+            if key not in given}
+        # The URI's own options (a search_path, say) come after these, so they win where both set one.
+        options = (f"-c idle_in_transaction_session_timeout={half} -c lock_timeout={half}"
+                   f" -c tcp_keepalives_idle={idle} -c tcp_keepalives_interval=1 -c tcp_keepalives_count=3 "
+                   f"{given.get('options') or ''}").strip()
         try:
-            return psycopg.connect(
-                self.uri, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
-                application_name=f"invoicer:{self.owner}",
-                options=f"-c idle_in_transaction_session_timeout={half} -c lock_timeout={half}"
-                        f" -c tcp_keepalives_idle={idle} -c tcp_keepalives_interval=1"
-                        " -c tcp_keepalives_count=3", **extra)
+            # application_name is always this instance's: the others find a zombie's sessions by it.
+            return psycopg.connect(self.uri, autocommit=True, application_name=f"invoicer:{self.owner}",
+                                   options=options, **extra)
         except psycopg.Error as exc:
             raise _error(self.uri, exc, "connecting") from exc
 
