@@ -426,6 +426,30 @@ def test_operator_commands_work_against_postgresql(pg_database: str) -> None:
     assert invoicer(uri, "rejected").stdout == ""
 
 
+def test_failed_invoices_are_listed_and_retried_beside_a_running_instance(
+        pg_database: str, start_daemon: Callable[..., Daemon]) -> None:
+    uri = pg_database
+    daemon = start_daemon(uri, INVOICER_WORKERS="4",
+                          INVOICER_PROCESSOR="tests.plugins.processors:poison_sevens")
+    daemon.wait_ready()
+    assert wait_for(lambda: count(uri) >= 20, 30)
+    stop_all([daemon])
+    failed = invoicer(uri, "failed", "--json")
+    assert failed.returncode == 0, failed.stderr
+    numbers = [json.loads(line)["invoice"] for line in failed.stdout.splitlines()]
+    assert numbers
+    assert all(number % 7 == 0 for number in numbers)
+    # Retry runs beside a running instance on PostgreSQL: no instance writes a stored row again.
+    running = start_daemon(uri, INVOICER_WORKERS="4", INVOICER_PROCESSING_DELAY_MS="1")
+    running.wait_ready()
+    retried = invoicer(uri, "retry")
+    assert retried.returncode == 0, retried.stderr
+    assert f"retried {len(numbers)} failed invoices: {len(numbers)} now ok" in retried.stdout
+    stop_all([running])
+    assert invoicer(uri, "failed").stdout == ""
+    assert_gap_free(uri)
+
+
 def test_the_daemon_imports_no_psycopg_for_sqlite(tmp_path: Path) -> None:
     probe = ("import sys; import invoicer.daemon, invoicer.cli; "
              "print('psycopg' in sys.modules)")
