@@ -429,7 +429,7 @@ def test_operator_commands_work_against_postgresql(pg_database: str) -> None:
 def test_failed_invoices_are_listed_and_retried_beside_a_running_instance(
         pg_database: str, start_daemon: Callable[..., Daemon]) -> None:
     uri = pg_database
-    daemon = start_daemon(uri, INVOICER_WORKERS="4",
+    daemon = start_daemon(uri, INVOICER_WORKERS="4", INVOICER_QUEUE_SIZE="32",
                           INVOICER_PROCESSOR="tests.plugins.processors:poison_sevens")
     daemon.wait_ready()
     assert wait_for(lambda: count(uri) >= 20, 30)
@@ -440,7 +440,7 @@ def test_failed_invoices_are_listed_and_retried_beside_a_running_instance(
     assert numbers
     assert all(number % 7 == 0 for number in numbers)
     # Retry runs beside a running instance on PostgreSQL: no instance writes a stored row again.
-    running = start_daemon(uri, INVOICER_WORKERS="4", INVOICER_PROCESSING_DELAY_MS="1")
+    running = start_daemon(uri, INVOICER_WORKERS="4", INVOICER_QUEUE_SIZE="32")
     running.wait_ready()
     retried = invoicer(uri, "retry")
     assert retried.returncode == 0, retried.stderr
