@@ -187,6 +187,25 @@ def test_reload_and_the_watchdog_work_on_postgresql(pg_database: str, start_daem
     assert_gap_free(uri)
 
 
+def test_a_drain_finishes_its_blocks_past_a_call_that_hangs_forever(
+        pg_database: str, start_daemon: Callable[..., Daemon]) -> None:
+    """SIGTERM with a call hung: the drain gives it up at its deadline, stored as failed.
+
+    And it processes every other number the instance owns, so the stop owes nothing.
+    """
+    uri = pg_database
+    daemon = start_daemon(uri, INVOICER_WORKERS="8", INVOICER_INVOICE_TIMEOUT="1", INVOICER_QUEUE_SIZE="64",
+                          INVOICER_PROCESSOR="tests.plugins.processors:hang_on_and_wait", HANG_ON="300",
+                          PROCESSING_S="0.002")
+    daemon.wait_ready()
+    assert wait_for(lambda: count(uri) >= 290, 30)
+    daemon.signal(signal.SIGTERM)
+    code, log = daemon.wait(60)
+    assert code == 0, log[-2000:]
+    assert_gap_free(uri)
+    assert query(uri, "SELECT id FROM invoices WHERE status = 'failed'") == [(300,)]
+
+
 def test_orders_are_invoiced_once_each_in_submission_order_on_one_instance(
         pg_database: str, start_daemon: Callable[..., Daemon]) -> None:
     uri = pg_database

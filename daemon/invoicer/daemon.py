@@ -301,8 +301,16 @@ class Daemon:
             self._wait(self._producer.join)
             self._source.stop()  # what it claimed and nobody took is given back by release() below ...
             self._wait(self._source.join)
-            # ... or, where blocks stay owned (PostgreSQL), processed now
-            self._producer.finish(self._source.leftovers(), self._drain_abandoned)
+            # ... or, where blocks stay owned (PostgreSQL), processed now, as long as the drain is healthy
+            leftovers = list(self._source.leftovers())
+
+            def queue_leftovers(timeout: float) -> bool:
+                while leftovers:
+                    if not self._producer.queue_leftover(leftovers[0], timeout):
+                        return False
+                    leftovers.pop(0)
+                return True
+            self._wait(queue_leftovers)
             self._pool.retire_all()
             self._wait(self._pool.join)
             self._wait(self._pool.close)  # hands over what given-up calls left, while the writer runs
@@ -355,11 +363,6 @@ class Daemon:
                                              EX_SOFTWARE)
                 raise _AbandonDrainError(f"the processor's service stayed down for {DRAIN_STALL_S:g}s of "
                                          f"the drain ({snapshot.paused})", EX_TEMPFAIL)
-
-    def _drain_abandoned(self) -> bool:
-        """Act on events while a drain step waits (raising to abandon it); False: keep waiting."""
-        self._check_events()
-        return False
 
     def _check_events(self) -> None:
         """Act on every event recorded so far (signals, failures) without waiting."""

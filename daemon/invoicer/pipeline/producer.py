@@ -123,16 +123,14 @@ class Producer:
         self.busy_since = 0.0
         self._recover_all(missing)
 
-    def finish(self, chunks: Sequence[Chunk], stop_waiting: Callable[[], bool]) -> bool:
-        """Queue what a drain must still process (the source's leftovers), once the thread has ended.
+    def queue_leftover(self, chunk: Chunk, timeout: float) -> bool:
+        """Queue a chunk a drain must still process (the source's leftovers), once the thread has ended.
 
-        Returns False if ``stop_waiting()`` asked to give up first (the drain was abandoned).
+        False if the queue had no room within ``timeout`` (the caller tries again, watching the drain).
         """
-        for chunk in chunks:
-            while not self._work.put(chunk, timeout=POLL_S):
-                if stop_waiting():
-                    return False
-            self.queued_total += len(chunk)
+        if not self._work.put(chunk, timeout=timeout):
+            return False
+        self.queued_total += len(chunk)
         return True
 
     def _recover(self, item: Chunk | Part) -> None:
