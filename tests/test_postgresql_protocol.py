@@ -42,6 +42,7 @@ class Instance:
         self.storage.open()
         self.ledger = self.storage.ledger(self.storage.recovery_plan())
         self.pending: list[int] = []
+        self.lost: set[int] = set()  # numbers it still believes its own, though another took them over
         self.alive = True
 
     def commit(self, numbers: list[int]) -> None:
@@ -85,8 +86,6 @@ class History:
     def __init__(self, uri: str) -> None:
         self.uri = uri
         self.instances = [Instance(uri) for _ in range(INSTANCES)]
-        # Numbers a zombie still believes it holds, though their block was taken over from it.
-        self.lost: set[int] = set()
 
     def apply(self, kind: str, index: int, amount: int) -> None:
         instance = self.instances[index]
@@ -104,7 +103,7 @@ class History:
 
     def commit_numbers(self, instance: Instance, numbers: list[int]) -> None:
         before = stored(self.uri)
-        zombie = bool(self.lost.intersection(numbers))
+        zombie = bool(instance.lost.intersection(numbers))
         try:
             instance.commit(numbers)
         except FencedError:
@@ -123,9 +122,10 @@ class History:
 
     def take_over(self, instance: Instance, _: int) -> None:
         taken = [n for numbers in instance.storage.take_over() for n in numbers]
+        assert not set(taken) & set(instance.pending)  # never its own numbers back
         for other in self.instances:
             if other is not instance:
-                self.lost.update(n for n in taken if n in other.pending)
+                other.lost.update(n for n in taken if n in other.pending)
         instance.pending += taken
 
     def finish(self) -> list[int]:
@@ -154,7 +154,7 @@ class History:
                 instance.kill()
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(operation, min_size=1, max_size=30))
 def test_the_fence_refuses_exactly_the_zombie_commits_and_nothing_is_lost(
         protocol_database: str, operations: list[tuple[str, int, int]]) -> None:

@@ -160,8 +160,10 @@ FENCE = """
 RENEW = ("UPDATE invoice_blocks SET expires = now() + %(lease)s * interval '1 second'"
          " WHERE owner = %(owner)s")
 EXPIRE_MINE = "UPDATE invoice_blocks SET expires = now() - interval '1 second' WHERE owner = %(owner)s"
+# Not this instance's own: a block whose lease ran out while its owner lives (its renewals failed) is
+# still its owner's to finish, and the fence lets it; taking it over would queue its numbers twice.
 TAKE_EXPIRED = """
-    SELECT first, last, owner FROM invoice_blocks WHERE expires < now()
+    SELECT first, last, owner FROM invoice_blocks WHERE expires < now() AND owner <> %(owner)s
     ORDER BY first LIMIT 1 FOR UPDATE SKIP LOCKED"""
 TAKE_BLOCK = """
     UPDATE invoice_blocks SET owner = %(owner)s, owner_key = %(key)s, epoch = nextval('invoice_epochs'),
@@ -504,7 +506,7 @@ class PostgresStorage:
                 connection = self._connection(self._claimer)
                 self._expire_dead_owners(connection)
                 with connection.transaction():
-                    found = connection.execute(TAKE_EXPIRED).fetchone()
+                    found = connection.execute(TAKE_EXPIRED, {"owner": self.owner}).fetchone()
                     if found is None:
                         self._end_zombies(connection)
                         return None
