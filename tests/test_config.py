@@ -19,6 +19,7 @@ from invoicer.config import (
     load_config,
     redact_uri,
     resolve_consumer_cpu,
+    scrub,
 )
 from tests.conftest import daemon_env
 
@@ -112,6 +113,20 @@ def test_a_postgresql_uri_is_kept_as_given_and_shown_without_its_password() -> N
     assert config.summary()["database"] == "postgresql://inv:***@db.example:5432/invoices?sslmode=require"
     assert "w0rd" not in json.dumps(config.summary())
     assert redact_uri("postgresql://u@h/db?password=secret&x=1") == "postgresql://u@h/db?password=***&x=1"
+
+
+@pytest.mark.parametrize("uri", [
+    "postgresql://inv:Top?Secret42@db.example/invoices",  # libpq: a "?" before the "@" is in the password
+    "postgresql://inv:Top%3FSecret42@db.example/invoices",  # the same, percent-encoded
+    "postgresql://inv@db.example/invoices?password=Top%3FSecret42&sslmode=require",
+    "postgresql://inv@db.example/invoices?sslpassword=Top?Secret42",
+    "postgresql://inv@db.example/invoices?pass%77ord=Top?Secret42",
+])
+def test_a_password_is_redacted_however_the_uri_carries_it(uri: str) -> None:
+    """Every spelling of the password: in the user part, in the query, percent-encoded or not."""
+    for text in (redact_uri(uri), scrub(f"could not connect with {uri} (password Top?Secret42)", uri)):
+        assert "Secret42" not in text
+    assert redact_uri(uri).startswith("postgresql://inv")
 
 
 def test_a_size_in_g_is_read_and_judged_by_its_range() -> None:

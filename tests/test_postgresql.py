@@ -386,6 +386,9 @@ def test_a_shared_database_other_schemas_and_an_audit_trigger_keep_working(
 @pytest.mark.parametrize(("uri", "code", "says"), [
     ("postgresql://invoicer@localhost/db?bogus=1", EX_CONFIG, "not a valid libpq URI"),
     ("postgresql://invoicer@localhost:99999/db", EX_CONFIG, "is not a TCP port"),
+    # libpq reads what follows a "/" in a password as the path: the rest must not be printed either
+    (f"postgresql://invoicer:{PASSWORD[:4]}/{PASSWORD[4:]}@localhost/db", EX_CONFIG, "is not a TCP port"),
+    (f"postgresql://invoicer:{PASSWORD}%zz@localhost/db", EX_CONFIG, "invalid percent-encoded token"),
 ])
 def test_a_malformed_uri_is_one_line_and_exit_78(uri: str, code: int, says: str,
                                                     start_daemon: Callable[..., Daemon]) -> None:
@@ -394,6 +397,8 @@ def test_a_malformed_uri_is_one_line_and_exit_78(uri: str, code: int, says: str,
     assert returned == code, log
     assert says in log
     assert len([line for line in log.splitlines() if '"level": "ERROR"' in line]) == 1
+    assert PASSWORD not in log
+    assert PASSWORD[4:] not in log
 
 
 def test_an_unreachable_server_exits_75_for_systemd_to_try_again(start_daemon: Callable[..., Daemon]) -> None:

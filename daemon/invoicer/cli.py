@@ -13,7 +13,7 @@ from invoicer import __version__, control, processing
 from invoicer.config import LOG_LEVELS, ConfigError, database_path, load_config, load_processor
 from invoicer.daemon import EX_SOFTWARE, Daemon, end_process
 from invoicer.logs import configure_logging
-from invoicer.storage import StorageError
+from invoicer.storage import StorageError, is_postgresql
 
 EX_CONFIG = 78  # sysexits.h; the unit's RestartPreventExitStatus=78 keeps systemd from retrying
 
@@ -94,7 +94,8 @@ def reload(pid: int, timeout: float) -> int:
     # Only the path of the reload record is needed here: the daemon itself judges the new values (a bad
     # one is refused there, and reported back through the record).
     try:
-        path = control.state_path(os.environ, database_path(os.environ))
+        shared = is_postgresql(os.environ.get("INVOICER_DATABASE", "").strip())
+        path = control.state_path(os.environ, database_path(os.environ), pid if shared else None)
         record = control.request_reload(pid, path, timeout)
     except (ConfigError, control.ReloadError) as exc:
         print(f"invoicer reload: {exc}", file=sys.stderr)

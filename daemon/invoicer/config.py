@@ -11,6 +11,7 @@ import importlib
 import itertools
 import os
 import re
+import urllib.parse
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
@@ -183,16 +184,49 @@ def resolve_consumer_cpu(setting: str, allowed: Collection[int]) -> int | None:
     return int(setting)
 
 
+SECRET_KEYS = ("password", "sslpassword")
+
+
+def uri_secrets(uri: str) -> set[str]:
+    """Return the secrets a libpq URI holds (password, sslpassword): as written, decoded and encoded.
+
+    Found generously (libpq ends the user part at the last "@" before the host, so a "?" or "/" may be
+    part of a password), and from libpq's own parse when it parses: redacting too much garbles a log
+    line, too little leaks the password.
+    """
+    found: set[str] = set()
+    _, sep, rest = uri.partition("://")
+    if sep:
+        for authority in (rest.split("/", 1)[0], rest.rpartition("@")[0] + "@"):
+            userinfo, at, _ = authority.rpartition("@")
+            if at and ":" in userinfo:
+                found.add(userinfo.partition(":")[2])
+    for piece in re.split(r"[?&]", uri):
+        key, equals, value = piece.partition("=")
+        if equals and urllib.parse.unquote(key).strip().lower() in SECRET_KEYS:
+            found.add(value)
+    try:
+        from psycopg import conninfo  # noqa: PLC0415  # an optional dependency
+        parsed = conninfo.conninfo_to_dict(uri)
+    except Exception:  # not parseable (or no psycopg): what was found above is all there is
+        parsed = {}
+    found.update(str(parsed[key]) for key in SECRET_KEYS if parsed.get(key))
+    for secret in list(found):
+        decoded = urllib.parse.unquote(secret)
+        found.update((decoded, urllib.parse.quote(decoded, safe="")))
+    return {secret for secret in found if secret}
+
+
+def scrub(text: str, uri: str) -> str:
+    """Return ``text`` with every secret of ``uri`` in it replaced by ``***``."""
+    for secret in sorted(uri_secrets(uri), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
 def redact_uri(uri: str) -> str:
     """Return ``uri`` with any password in it replaced by ``***`` (for logs, STATUS= and messages)."""
-    scheme, sep, rest = uri.partition("://")
-    if sep:
-        end = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
-        userinfo, at, hostpart = rest[:end].rpartition("@")
-        if at and ":" in userinfo:
-            rest = f"{userinfo.partition(':')[0]}:***@{hostpart}{rest[end:]}"
-        uri = f"{scheme}{sep}{rest}"
-    return re.sub(r"([?&]password=)[^&]*", r"\1***", uri, flags=re.IGNORECASE)
+    return scrub(uri, uri)
 
 
 def postgresql_uri(env: Mapping[str, str]) -> str:
@@ -210,12 +244,13 @@ def postgresql_uri(env: Mapping[str, str]) -> str:
     try:
         parsed = conninfo.conninfo_to_dict(raw)
     except Exception as exc:  # libpq's parser names the problem
-        reason = " ".join(str(exc).split()).replace(raw, redact_uri(raw))
+        reason = scrub(" ".join(str(exc).split()), raw)
         raise ConfigError(f"INVOICER_DATABASE={redact_uri(raw)!r} is not a valid libpq URI ({reason}); "
                           "expected postgresql://USER@HOST:PORT/DBNAME") from None
     for port in filter(None, str(parsed.get("port") or "").split(",")):
         if not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(f"INVOICER_DATABASE={redact_uri(raw)!r}: port {port!r} is not a TCP port; "
+            # The value is not quoted: a "/" in a password makes libpq read part of it as the port.
+            raise ConfigError(f"INVOICER_DATABASE={redact_uri(raw)!r}: the port is not a TCP port; "
                               "expected 1..65535")
     return raw
 

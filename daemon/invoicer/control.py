@@ -29,11 +29,16 @@ class ReloadRecord:
     message: str
 
 
-def state_path(env: Mapping[str, str], database: Path) -> Path:
-    """Where the daemon keeps its reload record: ``$RUNTIME_DIRECTORY`` or beside the database."""
+def state_path(env: Mapping[str, str], database: Path, pid: int | None = None) -> Path:
+    """Where the daemon keeps its reload record: ``$RUNTIME_DIRECTORY`` or beside the database.
+
+    With PostgreSQL (``pid`` given) several instances may share a directory: each names its own record.
+    """
     runtime = env.get("RUNTIME_DIRECTORY", "").split(":")[0]
     if runtime:
         return Path(runtime) / RELOAD_STATE
+    if pid is not None:
+        return Path(f"invoicer.{pid}.{RELOAD_STATE}")
     return database.with_name(f"{database.name}.{RELOAD_STATE}")
 
 

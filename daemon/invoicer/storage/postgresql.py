@@ -220,11 +220,11 @@ class FencedError(StorageError):
 
 def _error(uri: str, exc: BaseException, doing: str = "") -> StorageError:  # noqa: PLR0911  # one per kind
     """Turn a psycopg error into a one-line StorageError; the exit code says whether to try again."""
-    from invoicer.config import redact_uri  # noqa: PLC0415  # config imports storage
+    from invoicer.config import redact_uri, scrub  # noqa: PLC0415  # config imports storage
 
     where = redact_uri(uri)
     during = f" while {doing}" if doing else ""
-    text = " ".join(str(exc).split()).replace(uri, where)
+    text = scrub(" ".join(str(exc).split()), uri)
     if isinstance(exc, TRANSIENT):
         return StorageError(f"database {where}: {text}{during}", EX_TEMPFAIL)
     if isinstance(exc, psycopg.OperationalError):
@@ -367,8 +367,8 @@ class PostgresStorage:
             # application_name is always this instance's: the others find a zombie's sessions by it.
             return psycopg.connect(self.uri, autocommit=True, application_name=f"invoicer:{self.owner}",
                                    options=options, **extra)
-        except psycopg.Error as exc:
-            raise _error(self.uri, exc, "connecting") from exc
+        except psycopg.Error as exc:  # the cause is left out: libpq's text may quote the conninfo
+            raise _error(self.uri, exc, "connecting") from None
 
     def open(self) -> None:
         """Connect, create the schema once (several first starts at once), take the liveness lock."""
