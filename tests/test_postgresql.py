@@ -223,6 +223,21 @@ def test_orders_are_invoiced_once_each_in_submission_order_on_one_instance(
     assert [number for _, number in pairs] == list(range(1, 1001))  # one instance: submission order
 
 
+def test_orders_keep_their_payload_and_their_number_whatever_search_path_changes_them(
+        pg_database: str) -> None:
+    uri = pg_database
+    submit(uri, 2)
+    query(uri, "UPDATE orders SET invoice_id = 1 WHERE id = 1")  # paired, as a claim would
+    query(uri, "INSERT INTO invoices (id, status, attempts, order_id) VALUES (1, 'ok', 1, 1)")
+    with pytest.raises(psycopg.errors.RaiseException, match="payload cannot change"):
+        query(uri, "UPDATE orders SET payload = '{}' WHERE id = 2")
+    with pytest.raises(psycopg.errors.RaiseException, match="has an invoice number"):
+        query(uri, "DELETE FROM orders WHERE id = 1")
+    with pytest.raises(psycopg.errors.RaiseException, match="is invoiced"):  # from another search_path
+        query(uri, "SET search_path = pg_catalog; UPDATE public.orders SET invoice_id = 5 WHERE id = 1")
+    query(uri, "DELETE FROM orders WHERE id = 2")  # a waiting order may go
+
+
 def test_a_bad_order_is_rejected_before_numbering_and_listed(
         pg_database: str, start_daemon: Callable[..., Daemon]) -> None:
     uri = pg_database
@@ -378,6 +393,54 @@ def test_a_shared_database_other_schemas_and_an_audit_trigger_keep_working(
     audited = postgres_server.sql("SELECT count(*), count(DISTINCT invoice) FROM audit.log", dbname=name)
     assert audited == [(count(uri), count(uri))]
     assert postgres_server.sql("SELECT count(*) FROM public.invoices", dbname=name) == [(0,)]
+
+
+def test_a_slow_order_check_holds_its_claim_longer_than_half_a_lease(
+        pg_database: str, start_daemon: Callable[..., Daemon]) -> None:
+    """A claim's transaction stays open while the processor checks its orders: it must not be ended.
+
+    64 orders at 20 ms are 1.3 s, past the 1 s idle-in-transaction limit a lease of 2 s sets elsewhere.
+    """
+    uri = pg_database
+    submit(uri, 300)
+    daemon = start_daemon(uri, INVOICER_SOURCE="orders", INVOICER_LEASE_TIMEOUT="2", CHECK_S="0.02",
+                          INVOICER_PROCESSOR="tests.plugins.slow_check:process")
+    daemon.wait_ready()
+    assert wait_for(lambda: count(uri) == 300, 60)
+    stop_all([daemon])
+    assert_orders_invoiced_once(uri, 300)
+
+
+def test_a_lock_held_past_the_lock_timeout_is_waited_out(
+        pg_database: str, postgres_server: Any, start_daemon: Callable[..., Daemon]) -> None:
+    """A lock held longer than lock_timeout is waited out: the commits try again, then go on.
+
+    Another role's audit trigger writes to a table someone holds in SHARE mode (a CREATE INDEX, say).
+    """
+    uri = pg_database
+    name = uri.split("/")[3].split("?", maxsplit=1)[0]
+    for statement in (
+            "CREATE TABLE public.audit_log (invoice bigint)",
+            "CREATE FUNCTION public.audit_record() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$"
+            " BEGIN INSERT INTO public.audit_log VALUES (NEW.id); RETURN NEW; END $$"):
+        postgres_server.sql(statement, dbname=name)
+    create_schema(uri)
+    postgres_server.sql("CREATE TRIGGER audited AFTER INSERT ON invoices FOR EACH ROW"
+                        " EXECUTE FUNCTION public.audit_record()", dbname=name)
+    daemon = start_daemon(uri, INVOICER_WORKERS="8", INVOICER_LEASE_TIMEOUT="2",
+                          INVOICER_PROCESSING_DELAY_MS="1")
+    daemon.wait_ready()
+    assert wait_for(lambda: count(uri) >= 500, 30)
+    with psycopg.connect(postgres_server.uri(name).replace("invoicer@", "postgres@")) as locker:
+        locker.execute("LOCK TABLE public.audit_log IN SHARE MODE")
+        assert wait_for(lambda: "trying again" in daemon.log_path.read_text(), 30)
+        assert daemon.process.poll() is None
+        stalled = count(uri)
+    assert wait_for(lambda: count(uri) >= stalled + 500, 30)  # the lock released: commits go on
+    stop_all([daemon])
+    assert_gap_free(uri)
+    audited = postgres_server.sql("SELECT count(*) FROM public.audit_log", dbname=name)
+    assert audited == [(count(uri),)]
 
 
 # -- bad configuration, unreachable servers, secrets ---------------------------------------------------

@@ -26,7 +26,7 @@ from typing import Any, overload
 from invoicer.generator import InvoiceNumberGenerator
 from invoicer.orders import InvalidOrder
 from invoicer.processing import InvoiceRequest
-from invoicer.storage import Batch, ClaimConflictError, Row
+from invoicer.storage import Batch, ClaimConflictError, Row, StorageError
 
 Storage = Any  # a backend of invoicer.storage (SQLite's Storage, PostgresStorage)
 
@@ -335,8 +335,13 @@ class OrderSource:
             self._budget.wait_room(1, IDLE_POLL_S)
             return None
         self._room_wanted = 0
-        with self._storage.claiming(self._block, self._max_bytes, room) as claim:
-            chunk = self._pair(claim, room)
+        try:
+            with self._storage.claiming(self._block, self._max_bytes, room) as claim:
+                chunk = self._pair(claim, room)
+        except StorageError as exc:  # PostgreSQL: a lock wait timed out, say; the next look tries again
+            if not self._storage.may_retry(exc, 1):
+                raise
+            return None
         if self._room_wanted:  # the next order does not fit yet: wait for its room, not a poll
             self._budget.wait_room(self._room_wanted, ROOM_WAIT_S)
         return chunk

@@ -28,6 +28,7 @@ import os
 import random
 import socket
 import threading
+import time
 import uuid
 from bisect import bisect_right
 from collections.abc import Iterable, Iterator, Sequence
@@ -56,7 +57,8 @@ CONNECT_TIMEOUT_S = 10
 # Errors after which the same transaction may simply be tried again.
 TRANSIENT = (psycopg.errors.DeadlockDetected, psycopg.errors.LockNotAvailable,
              psycopg.errors.SerializationFailure)
-RETRIES = 3
+RETRIES = 3      # ... at most, during a drain; while running, until it works (the health check tells)
+RETRY_S = 0.1    # the first wait before trying again, growing to a second
 COLUMNS_SQL = "id, status, customer, currency, subtotal, tax, total, document, error, attempts, order_id"
 
 SCHEMA = (
@@ -108,6 +110,8 @@ SCHEMA = (
     "CREATE SEQUENCE IF NOT EXISTS invoice_epochs",
     # The same guards as SQLite's triggers: a payload never changes, a paired order stays.
     """CREATE OR REPLACE FUNCTION invoicer_orders_guard() RETURNS trigger LANGUAGE plpgsql AS $$
+    DECLARE
+        invoiced boolean;
     BEGIN
         IF TG_OP = 'DELETE' THEN
             IF OLD.invoice_id IS NOT NULL THEN
@@ -118,9 +122,13 @@ SCHEMA = (
         IF NEW.payload IS DISTINCT FROM OLD.payload THEN
             RAISE EXCEPTION 'payload cannot change: submit a new order (a waiting one may be deleted)';
         END IF;
-        IF OLD.invoice_id IS NOT NULL AND NEW.invoice_id IS DISTINCT FROM OLD.invoice_id
-                AND EXISTS (SELECT 1 FROM invoices WHERE id = OLD.invoice_id) THEN
-            RAISE EXCEPTION 'order % is invoiced; its invoice number cannot change', OLD.id;
+        IF OLD.invoice_id IS NOT NULL AND NEW.invoice_id IS DISTINCT FROM OLD.invoice_id THEN
+            -- invoices beside this orders table, whatever the search_path of whoever updates it
+            EXECUTE format('SELECT EXISTS (SELECT 1 FROM %I.invoices WHERE id = $1)', TG_TABLE_SCHEMA)
+                INTO invoiced USING OLD.invoice_id;
+            IF invoiced THEN
+                RAISE EXCEPTION 'order % is invoiced; its invoice number cannot change', OLD.id;
+            END IF;
         END IF;
         RETURN NEW;
     END $$""",
@@ -133,6 +141,12 @@ SCHEMA = (
     END $$""",
 )
 
+# The mark, and how many numbers below it are not stored: the unstored ones of the blocks (each small).
+UNSTORED = """
+    SELECT high_water, coalesce((SELECT sum(b.last - b.first + 1 - (
+               SELECT count(*) FROM invoices AS i WHERE i.id BETWEEN b.first AND b.last))
+           FROM invoice_blocks AS b), 0)
+    FROM invoice_sequence WHERE id = 1"""
 NEW_BLOCK = """
     WITH mark AS (UPDATE invoice_sequence SET high_water = high_water + %(count)s WHERE id = 1
                   RETURNING high_water - %(count)s + 1 AS first, high_water AS last)
@@ -182,6 +196,7 @@ END_ZOMBIES = """
       AND activity.application_name IN (
           SELECT 'invoicer:' || owner FROM invoice_blocks
           WHERE expires < now() - %(lease)s * interval '1 second')"""
+CHECKING_IDLE_MS = 300_000  # a claim's transaction while the processor checks its orders, at most
 TAKEOVERS_PER_LOOK = 64  # blocks one look may take over (each is its own short transaction)
 
 
@@ -329,7 +344,9 @@ class PostgresStorage:
         self.uri = uri
         self.path = redact_uri(uri)  # what messages name
         self.lease = lease_timeout
-        self.patient = False  # SQLite's; PostgreSQL's lock_timeout bounds the waits
+        # Set by the running daemon: a lock another session holds is waited out, lock_timeout after
+        # lock_timeout (the health check reports a commit that waits too long); a drain is not patient.
+        self.patient = False
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.owner_key = random.getrandbits(62)
         self.blocks = Blocks()
@@ -438,33 +455,55 @@ class PostgresStorage:
         try:
             with self._claim_lock:
                 connection = self._connection(self._claimer)
-                row = connection.execute(
-                    "SELECT high_water, (SELECT coalesce(sum(last - first + 1), 0) FROM invoice_blocks)"
-                    " FROM invoice_sequence WHERE id = 1").fetchone()
+                row = connection.execute(UNSTORED).fetchone()
         except psycopg.Error as exc:
             raise _error(self.uri, exc, "reading the marks") from exc
         assert row is not None
-        high_water, in_blocks = int(row[0]), int(row[1])
-        # stored_through: what is certainly stored, all instances together (every number outside a block).
-        return RecoveryPlan(high_water, high_water - in_blocks, (), ())
+        high_water, unstored = int(row[0]), int(row[1])
+        # stored_through: how many are stored, all instances together, as this one starts (STATUS= adds
+        # its own commits, not the others').
+        return RecoveryPlan(high_water, high_water - unstored, (), ())
 
     def ledger(self, plan: RecoveryPlan) -> PostgresLedger:
         """Return what the writer commits through: the fence, the rows, the finished blocks."""
         return PostgresLedger(self)
 
+    def may_retry(self, exc: StorageError, attempt: int) -> bool:
+        """Say whether to try again after ``exc``, and log it.
+
+        Yes for a lock wait that timed out, a deadlock or a serialization failure, while the daemon runs
+        (``patient``: as SQLite waits out another program's lock); a drain gives up after RETRIES.
+        """
+        if not isinstance(exc.__cause__, TRANSIENT) or (not self.patient and attempt >= RETRIES):
+            return False
+        log.warning("%s; trying again", exc, extra={"attempt": attempt})
+        time.sleep(min(1.0, RETRY_S * attempt))  # backing off: a lock waited for lock_timeout already
+        return True
+
     def reserve(self, count: int) -> tuple[int, int]:
         """Take a new block of ``count`` numbers for this instance; return its first and last number."""
-        with self._claim_lock:
+        attempt = 0
+        while True:
+            attempt += 1
             try:
-                connection = self._connection(self._claimer)
-                with connection.transaction():
-                    row = connection.execute(NEW_BLOCK, self._block_args(count)).fetchone()
-            except psycopg.Error as exc:
-                raise _error(self.uri, exc, "reserving invoice numbers") from exc
+                row = self._reserve(count)
+                break
+            except StorageError as exc:
+                if not self.may_retry(exc, attempt):
+                    raise
         assert row is not None
         first, last, epoch = (int(value) for value in row)
         self.blocks.add(Block(first, last, epoch, last - first + 1))
         return first, last
+
+    def _reserve(self, count: int) -> Any:
+        with self._claim_lock:
+            try:
+                connection = self._connection(self._claimer)
+                with connection.transaction():
+                    return connection.execute(NEW_BLOCK, self._block_args(count)).fetchone()
+            except psycopg.Error as exc:
+                raise _error(self.uri, exc, "reserving invoice numbers") from exc
 
     def _block_args(self, count: int) -> dict[str, Any]:
         return {"count": count, "owner": self.owner, "key": self.owner_key, "lease": self.lease}
@@ -493,7 +532,12 @@ class PostgresStorage:
         """
         missing: list[range] = []
         for _ in range(TAKEOVERS_PER_LOOK):
-            taken = self._take_over_one()
+            try:
+                taken = self._take_over_one()
+            except StorageError as exc:
+                if not self.may_retry(exc, 1):
+                    raise
+                break  # the next look, in a second
             if taken is None:
                 break
             missing += taken
@@ -622,6 +666,10 @@ class PostgresClaim:
         self._storage = storage
         self._connection = connection
         self.block: Block | None = None
+        # The processor checks these orders while this transaction holds them (others skip them): a slow
+        # check must not end the session. Back to half a lease before the sequence row is locked (pair).
+        connection.execute("SELECT set_config('idle_in_transaction_session_timeout', %s, true)",
+                           (str(CHECKING_IDLE_MS),))
         locked = connection.execute(LOCK_WAITING, {"limit": limit}).fetchall()
         wanted: list[int] = []
         taken = 0
@@ -646,6 +694,8 @@ class PostgresClaim:
         count = len(order_ids)
         if not count:
             return 1, 0
+        connection.execute("SELECT set_config('idle_in_transaction_session_timeout', %s, true)",
+                           (str(max(1, int(self._storage.lease * 500))),))
         row = connection.execute(NEW_BLOCK, self._storage._block_args(count)).fetchone()
         assert row is not None
         first, last, epoch = (int(value) for value in row)
@@ -677,14 +727,15 @@ class PostgresLedger:
                               EX_TEMPFAIL) from None
         firsts = sorted(counts)
         finished = blocks.finishing(counts)
-        for attempt in range(1, RETRIES + 1):
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 self._commit(batch, counts, firsts, finished)
                 break
             except StorageError as exc:
-                if not isinstance(exc.__cause__, TRANSIENT) or attempt == RETRIES:
+                if not storage.may_retry(exc, attempt):
                     raise
-                log.warning("commit tried again: %s", exc)
         blocks.stored(counts)
 
     def _commit(self, batch: Batch, counts: dict[int, int], firsts: list[int], finished: list[int]) -> None:

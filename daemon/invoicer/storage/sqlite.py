@@ -631,6 +631,10 @@ class Storage:
         """Return the writer's bookkeeping, starting from what start-up found."""
         return Ledger(self, plan)
 
+    def may_retry(self, exc: StorageError, attempt: int) -> bool:
+        """Never: SQLite's busy timeout (and ``patient``) did the waiting already."""
+        return False
+
     def take_over(self) -> list[range]:
         """Numbers another instance left (none: one instance per SQLite database)."""
         return []
