@@ -20,6 +20,7 @@ from invoicer.config import (
     redact_uri,
     resolve_consumer_cpu,
     scrub,
+    unknown_variables,
 )
 from tests.conftest import daemon_env
 
@@ -127,6 +128,25 @@ def test_a_password_is_redacted_however_the_uri_carries_it(uri: str) -> None:
     for text in (redact_uri(uri), scrub(f"could not connect with {uri} (password Top?Secret42)", uri)):
         assert "Secret42" not in text
     assert redact_uri(uri).startswith("postgresql://inv")
+
+
+def test_an_unknown_variable_is_named_with_the_closest_known_one() -> None:
+    """A misspelt INVOICER_ variable is not silently ignored: the warning names what it may have meant."""
+    warnings = unknown_variables({"INVOICER_WORKER": "8", "INVOICER_WORKERS": "4", "INVOICER_QUEUESIZE": "9",
+                                  "INVOICER_COLOUR": "blue", "PATH": "/bin", "INVOICER_FAULT_CYCLES": "3"})
+    ignored = "is not a variable invoicer knows, so it is ignored;"
+    assert warnings == [f"INVOICER_COLOUR {ignored} see invoicer(8) for the variables",
+                        f"INVOICER_QUEUESIZE {ignored} did you mean INVOICER_QUEUE_SIZE?",
+                        f"INVOICER_WORKER {ignored} did you mean INVOICER_WORKERS?"]
+
+
+def test_the_daemon_warns_of_an_unknown_variable_at_start(tmp_path: Path) -> None:
+    env = daemon_env(tmp_path / "x.db", INVOICER_WORKER="8", INVOICER_WORKERS="oops")
+    result = subprocess.run([sys.executable, "-m", "invoicer", "run"], env=env, capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.returncode == 78  # the bad value still ends it, after the warning
+    assert "INVOICER_WORKER is not a variable invoicer knows" in result.stdout + result.stderr
+    assert "did you mean INVOICER_WORKERS?" in result.stdout + result.stderr
 
 
 def test_a_size_in_g_is_read_and_judged_by_its_range() -> None:

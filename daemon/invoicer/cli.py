@@ -10,7 +10,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from invoicer import __version__, control, processing
-from invoicer.config import LOG_LEVELS, ConfigError, database_path, load_config, load_processor
+from invoicer.config import (
+    LOG_LEVELS,
+    ConfigError,
+    database_path,
+    load_config,
+    load_processor,
+    unknown_variables,
+)
 from invoicer.daemon import EX_SOFTWARE, Daemon, end_process
 from invoicer.logs import configure_logging
 from invoicer.storage import StorageError, is_postgresql
@@ -108,6 +115,8 @@ def run() -> int:
     """Validate the configuration, then run the daemon; return the exit code."""
     requested = os.environ.get("INVOICER_LOG_LEVEL", "").strip().upper()
     log = configure_logging(requested if requested in LOG_LEVELS else "INFO")
+    for warning in unknown_variables(os.environ):  # before the values are judged: a typo may explain them
+        log.warning("%s", warning)
     try:
         config = load_config()
     except ConfigError as exc:

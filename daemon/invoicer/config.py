@@ -7,6 +7,7 @@ daemon turns that into one log line and exit code 78 (EX_CONFIG) before it touch
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 import itertools
 import os
@@ -322,6 +323,30 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
 
 
 ENVIRONMENT_FILE = Path("/etc/default/invoicer")
+# Every variable invoicer reads (the example HTTP processor's two included), for the unknown-name warning.
+KNOWN_VARIABLES = (
+    "INVOICER_WORKERS", "INVOICER_QUEUE_SIZE", "INVOICER_DATABASE", "INVOICER_PROCESSOR",
+    "INVOICER_PROCESSING_DELAY_MS", "INVOICER_STATUS_INTERVAL", "INVOICER_LOG_LEVEL",
+    "INVOICER_INVOICE_TIMEOUT", "INVOICER_CONSUMER_CPU", "INVOICER_SOURCE", "INVOICER_ORDER_MAX_BYTES",
+    "INVOICER_INFLIGHT_BYTES", "INVOICER_LEASE_TIMEOUT", "INVOICER_ENVIRONMENT_FILE", "INVOICER_HTTP_URL",
+    "INVOICER_HTTP_TIMEOUT",
+)
+
+
+def unknown_variables(env: Mapping[str, str]) -> list[str]:
+    """Say, for each INVOICER_* variable in ``env`` that invoicer does not read, what it may have meant."""
+    warnings = []
+    for name in sorted(key for key in env if key.startswith("INVOICER_") and key not in KNOWN_VARIABLES):
+        if name.startswith("INVOICER_TEST_") or name in TEST_VARIABLES:
+            continue
+        suffixes = {known.removeprefix("INVOICER_"): known for known in KNOWN_VARIABLES}
+        close = difflib.get_close_matches(name.removeprefix("INVOICER_"), list(suffixes), n=1, cutoff=0.75)
+        hint = f"; did you mean {suffixes[close[0]]}?" if close else "; see invoicer(8) for the variables"
+        warnings.append(f"{name} is not a variable invoicer knows, so it is ignored{hint}")
+    return warnings
+
+
+TEST_VARIABLES = ("INVOICER_FAULT_CYCLES", "INVOICER_BENCH_INVOICES")  # the test suite's own
 RELOADABLE = ("workers", "log_level")
 
 

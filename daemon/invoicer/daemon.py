@@ -116,9 +116,9 @@ class Daemon:
         self._pool.start()
         self._producer.start()  # it starts the source once the recovered numbers are queued
         self._notifier.ready(status_line(self._snapshot(), 0.0))
-        self._observer.start()
         log.info("ready", extra={"workers": self.config.workers, "database": self.config.database_name,
                                  "consumer_cpu": self._pool.cpu})
+        self._observer.start()  # after "ready": its first throughput record follows it in the log
         self._record_reload(ok=True, message="started")
         return self._main_loop()
 
