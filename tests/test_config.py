@@ -17,6 +17,7 @@ from invoicer.config import (
     ConfigError,
     cpu_list,
     load_config,
+    operator_environment,
     redact_uri,
     resolve_consumer_cpu,
     scrub,
@@ -147,6 +148,37 @@ def test_the_daemon_warns_of_an_unknown_variable_at_start(tmp_path: Path) -> Non
     assert result.returncode == 78  # the bad value still ends it, after the warning
     assert "INVOICER_WORKER is not a variable invoicer knows" in result.stdout + result.stderr
     assert "did you mean INVOICER_WORKERS?" in result.stdout + result.stderr
+
+
+def test_operator_commands_look_where_the_installed_service_writes(tmp_path: Path) -> None:
+    """The service's environment file under the caller's variables; its state directory by default."""
+    environment = tmp_path / "invoicer"
+    base = {"INVOICER_ENVIRONMENT_FILE": str(environment)}
+    assert operator_environment(base)[0].get("INVOICER_DATABASE") is None  # no file: the current directory
+    environment.write_text("INVOICER_WORKERS=3\n")
+    merged, source = operator_environment(base)
+    assert merged["INVOICER_DATABASE"] == "/var/lib/invoicer/invoices.db"
+    assert source == f"the service's state directory, as {environment} names no INVOICER_DATABASE"
+    environment.write_text("INVOICER_DATABASE=/srv/billing.db\nINVOICER_PROCESSOR=tests.plugins.processors:echo\n")
+    merged, source = operator_environment(base)
+    assert (merged["INVOICER_DATABASE"], source) == ("/srv/billing.db", f"INVOICER_DATABASE in {environment}")
+    assert load_config(merged).processor == "tests.plugins.processors:echo"  # submit checks as the service
+    merged, source = operator_environment({**base, "INVOICER_DATABASE": "/tmp/mine.db"})
+    assert (merged["INVOICER_DATABASE"], source) == ("/tmp/mine.db", "INVOICER_DATABASE")
+
+
+def test_a_missing_database_says_where_it_looked_and_how_to_point_elsewhere(tmp_path: Path) -> None:
+    environment = tmp_path / "invoicer"
+    environment.write_text(f"INVOICER_DATABASE={tmp_path / 'gone.db'}\n")
+    env = {k: v for k, v in daemon_env(tmp_path / "unused.db").items() if k != "INVOICER_DATABASE"}
+    env["INVOICER_ENVIRONMENT_FILE"] = str(environment)
+    result = subprocess.run([sys.executable, "-m", "invoicer", "failed"], env=env, capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.returncode == 74
+    assert result.stderr.strip() == (
+        f"invoicer failed: database {tmp_path / 'gone.db'} does not exist (the database from "
+        f"INVOICER_DATABASE in {environment}; set INVOICER_DATABASE to a file or a postgresql:// URI to use "
+        "another)")
 
 
 def test_a_size_in_g_is_read_and_judged_by_its_range() -> None:

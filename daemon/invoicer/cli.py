@@ -16,6 +16,7 @@ from invoicer.config import (
     database_path,
     load_config,
     load_processor,
+    operator_environment,
     unknown_variables,
 )
 from invoicer.daemon import EX_SOFTWARE, Daemon, end_process
@@ -157,8 +158,9 @@ def maintain(args: argparse.Namespace) -> int:  # noqa: PLR0911  # one return pe
     """
     from invoicer import maintenance  # noqa: PLC0415  # only these commands need it
 
+    env, source = operator_environment(os.environ)
     try:
-        config = load_config()
+        config = load_config(env)
         configure_logging(config.log_level, stream=sys.stderr)  # stdout carries the command's output
         if args.command == "failed":
             return maintenance.list_failed(config, as_json=args.json)
@@ -174,7 +176,8 @@ def maintain(args: argparse.Namespace) -> int:  # noqa: PLR0911  # one return pe
         print(f"invoicer {args.command}: configuration error: {exc}", file=sys.stderr)
         return EX_CONFIG
     except StorageError as exc:
-        print(f"invoicer {args.command}: {exc}", file=sys.stderr)
+        print(f"invoicer {args.command}: {exc} (the database from {source}; set INVOICER_DATABASE to a file "
+              "or a postgresql:// URI to use another)", file=sys.stderr)
         return exc.exit_code
 
 

@@ -383,3 +383,30 @@ def changed_settings(old: Config, new: Config) -> list[str]:
     """Names of the settings that differ between two configurations."""
     return [f.name for f in dataclasses.fields(Config) if getattr(old, f.name) != getattr(new, f.name)]
 
+
+
+SERVICE_DATABASE = Path("/var/lib/invoicer") / DATABASE_FILENAME  # StateDirectory=invoicer's
+
+
+def operator_environment(env: Mapping[str, str]) -> tuple[dict[str, str], str]:
+    """Return the environment an operator command runs with, and where its database came from.
+
+    The service's environment file (``/etc/default/invoicer``) under the caller's own variables, which
+    win; where that file exists (an installed system) and names no database, the service's own
+    (``/var/lib/invoicer/invoices.db``): ``invoicer failed`` run by an operator then looks where the
+    service writes, not in the current directory.
+    """
+    path = environment_file(env)
+    try:
+        values = read_environment_file(path)
+    except ConfigError:
+        values = {}
+    merged = {**values, **env}
+    if env.get("INVOICER_DATABASE", "").strip():
+        return merged, "INVOICER_DATABASE"
+    if values.get("INVOICER_DATABASE", "").strip():
+        return merged, f"INVOICER_DATABASE in {path}"
+    if path.exists():
+        merged["INVOICER_DATABASE"] = str(SERVICE_DATABASE)
+        return merged, f"the service's state directory, as {path} names no INVOICER_DATABASE"
+    return merged, f"the current directory, as neither INVOICER_DATABASE nor {path} names one"
