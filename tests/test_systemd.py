@@ -303,6 +303,25 @@ def test_long_drain_extends_the_stop_timeout(manager: UserManager) -> None:
         assert_gap_free(database(manager))
 
 
+def test_the_metrics_drop_in_lets_the_unit_write_its_textfile(manager: UserManager) -> None:
+    """The shipped metrics drop-in (its directory moved to the test's): the file appears, every tick."""
+    textfile = manager.root / "textfile"
+    textfile.mkdir()
+    shipped = (REPO / "packaging" / "metrics.conf").read_text()
+    assert "/var/lib/prometheus/node-exporter" in shipped
+    drop_in = (shipped.replace("/var/lib/prometheus/node-exporter", str(textfile))
+               .replace("SupplementaryGroups=invoicer-metrics\n", ""))  # root under the test's manager
+    with extra_drop_in(manager, "metrics.conf", drop_in):
+        write_environment(manager, INVOICER_WORKERS="4", **BASE_ENV)
+        manager.systemctl("restart", UNIT)
+        wait_until((textfile / "invoicer.prom").exists, what="the metrics file")
+        wait_until(lambda: 'invoicer_state{daemon="invoicer",state="running"} 1'
+                   in (textfile / "invoicer.prom").read_text(), what="state running in the metrics")
+        manager.systemctl("stop", UNIT)
+    assert 'invoicer_state{daemon="invoicer",state="stopped"} 1' in (textfile / "invoicer.prom").read_text()
+    assert sorted(path.name for path in textfile.iterdir()) == ["invoicer.prom"]
+
+
 def unit_seconds(key: str) -> float:
     """A time setting of the repository's unit, in seconds (values like 30s)."""
     for line in (REPO / UNIT).read_text().splitlines():

@@ -68,10 +68,12 @@ class Config:
     # Seconds an instance's blocks of numbers stay its own without a renewal (PostgreSQL): after that
     # the other instances take over what it left unstored.
     lease_timeout: float = 10.0
+    # Where to write the node exporter's textfile metrics each status tick (None: nowhere).
+    metrics_file: Path | None = None
 
     def summary(self) -> dict[str, Any]:
         """Return the settings as a JSON-friendly dict for the start-up log record."""
-        summary = {f.name: str(getattr(self, f.name)) if f.name == "database" else getattr(self, f.name)
+        summary = {f.name: str(value) if isinstance(value := getattr(self, f.name), Path) else value
                    for f in dataclasses.fields(self)}
         if self.postgresql:
             summary["database"] = summary["postgresql"] = redact_uri(self.postgresql)
@@ -319,7 +321,22 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         postgresql=postgresql_uri(env),
         lease_timeout=_number(env, "INVOICER_LEASE_TIMEOUT", Config.lease_timeout, MIN_LEASE_TIMEOUT,
                               MAX_LEASE_TIMEOUT, low_inclusive=True),
+        metrics_file=_metrics_file(env),
     )
+
+
+def _metrics_file(env: Mapping[str, str]) -> Path | None:
+    raw = env.get("INVOICER_METRICS_FILE", "").strip()
+    if not raw:
+        return None
+    path = Path(raw)
+    if "\0" in raw or not path.name.endswith(".prom"):
+        raise ConfigError(f"INVOICER_METRICS_FILE={raw!r}: expected a file name ending in .prom (the node "
+                          "exporter's textfile collector reads only those)")
+    if not path.parent.is_dir():
+        raise ConfigError(f"INVOICER_METRICS_FILE={raw!r}: directory {path.parent} does not exist; expected "
+                          "a file in the node exporter's textfile directory")
+    return path
 
 
 ENVIRONMENT_FILE = Path("/etc/default/invoicer")
@@ -329,7 +346,7 @@ KNOWN_VARIABLES = (
     "INVOICER_PROCESSING_DELAY_MS", "INVOICER_STATUS_INTERVAL", "INVOICER_LOG_LEVEL",
     "INVOICER_INVOICE_TIMEOUT", "INVOICER_CONSUMER_CPU", "INVOICER_SOURCE", "INVOICER_ORDER_MAX_BYTES",
     "INVOICER_INFLIGHT_BYTES", "INVOICER_LEASE_TIMEOUT", "INVOICER_ENVIRONMENT_FILE", "INVOICER_HTTP_URL",
-    "INVOICER_HTTP_TIMEOUT",
+    "INVOICER_HTTP_TIMEOUT", "INVOICER_METRICS_FILE",
 )
 
 

@@ -27,6 +27,7 @@ from invoicer.config import (
 )
 from invoicer.generator import MAX_BLOCK_SIZE, InvoiceNumberGenerator
 from invoicer.intake import ByteBudget, DemoSource, OrderSource, Recovery
+from invoicer.metrics import MetricsFile
 from invoicer.notify import Notifier, watchdog_interval
 from invoicer.observer import Observer, Snapshot, status_line
 from invoicer.outage import OutageBreaker
@@ -147,9 +148,10 @@ class Daemon:
                                   breaker=breaker, results=self._results)
         self._writer = StorageWriter(self._storage, self._results, plan, self._on_fatal,
                                      budget=self._budget)
+        self._metrics = MetricsFile(config.metrics_file) if config.metrics_file else None
         self._observer = Observer(self._snapshot, self._notifier, config.status_interval, self._watchdog,
                                   housekeeping=self._housekeeping, on_fatal=self._on_fatal,
-                                  drain_stall=DRAIN_STALL_S)
+                                  drain_stall=DRAIN_STALL_S, metrics=self._metrics)
 
     def _chunk_size(self) -> int:
         """Numbers per work-queue chunk now (follows the measured invoice time)."""
@@ -189,7 +191,16 @@ class Daemon:
             problem=self._problem,
             problem_age=time.monotonic() - self._problem_since if self._problem else 0.0,
             paused=breaker.error if breaker.paused else "",
-            abandoned=self._pool.abandoned)
+            abandoned=self._pool.abandoned,
+            failed=writer.failed_total,
+            oldest_call=self._pool.oldest_call(time.monotonic()),
+            recovery_backlog=self._recovery_backlog(state))
+
+    def _recovery_backlog(self, state: str) -> int:
+        """Numbers owed at start-up and not stored yet (while recovering; SQLite, where it is known)."""
+        if state != "recovering":
+            return 0
+        return max(0, min(self._plan.missing_total, self._plan.high_water - self._writer.stored_through))
 
     def _pending(self) -> int:
         """Numbers handed to the pipeline and not yet committed."""
@@ -343,6 +354,8 @@ class Daemon:
             "last_number": self._source.last_issued, "pending": snapshot.pending,
             "abandoned": snapshot.abandoned})
         self._notifier.status(f"stopped: {snapshot.stored_total:,} stored")
+        if self._metrics is not None:
+            self._metrics.write(snapshot, 0.0)
         self._notifier.stopping()
         self._notifier.close()
         self._storage.close()

@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from invoicer.notify import Notifier
 
@@ -34,6 +35,9 @@ class Snapshot:
     problem_age: float = 0.0  # seconds the problem has lasted
     paused: str = ""    # the error that paused intake ("": not paused)
     abandoned: int = 0  # given-up processor calls whose threads still run
+    failed: int = 0     # rows committed as failed by this run
+    oldest_call: float = 0.0      # seconds the oldest processor call under way has been running
+    recovery_backlog: int = 0     # numbers owed at start-up and not yet stored
 
 
 def status_line(snapshot: Snapshot, rate: float) -> str:
@@ -64,8 +68,9 @@ class Observer:
                  watchdog_timeout: float | None, *,
                  housekeeping: Callable[[float], None] = lambda now: None,
                  on_fatal: Callable[[str, BaseException], None] | None = None,
-                 drain_stall: float = 0.0) -> None:
+                 drain_stall: float = 0.0, metrics: Any = None) -> None:
         self._sample = sample
+        self._metrics = metrics  # a MetricsFile (INVOICER_METRICS_FILE), rewritten with each STATUS=
         self._housekeeping = housekeeping
         self._on_fatal = on_fatal
         self._notifier = notifier
@@ -115,6 +120,8 @@ class Observer:
         self.rate = self._update_rate(now, snapshot.committed)
         if now >= self._next_status:
             self._notifier.status(status_line(snapshot, self.rate))
+            if self._metrics is not None:
+                self._metrics.write(snapshot, self.rate)
             self._next_status = now + self._status_interval
         healthy = not snapshot.problem
         if self._watchdog:

@@ -215,6 +215,12 @@ class ConsumerPool:
         """How many invoices the loops hold now (asked on a failure only)."""
         return sum(1 for slot in list(self._slots.values()) if slot.busy and not slot.abandoned)
 
+    def oldest_call(self, now: float) -> float:
+        """Seconds the oldest processor call under way has been running (0: none)."""
+        starts = [slot.call_started for slot in list(self._slots.values())
+                  if slot.call_started and not slot.abandoned]
+        return now - min(starts) if starts else 0.0
+
     def calls(self) -> int:
         """How many processor calls are under way (given-up ones not counted)."""
         return sum(1 for slot in list(self._slots.values()) if slot.call_started and not slot.abandoned)

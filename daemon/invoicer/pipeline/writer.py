@@ -35,6 +35,7 @@ class StorageWriter:
         self._thread = threading.Thread(target=self._run, name="invoicer-writer", daemon=True)
         # Written by the writer thread only, after each commit; others just read them.
         self.committed_total = 0  # rows committed in this run
+        self.failed_total = 0     # ... of them failed invoices
         self.busy_since = 0.0     # monotonic time the current commit began (0: not committing)
 
     @property
@@ -98,5 +99,6 @@ class StorageWriter:
         self._ledger.commit(batch, [part.numbers for part in parts])
         self.busy_since = 0.0
         self.committed_total += len(batch)
+        self.failed_total += len(failed)
         if weight and self._budget is not None:
             self._budget.give_back(weight)
