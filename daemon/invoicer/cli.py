@@ -11,6 +11,7 @@ from pathlib import Path
 
 from invoicer import __version__, control, processing
 from invoicer.config import (
+    KNOWN_VARIABLES,
     LOG_LEVELS,
     ConfigError,
     database_path,
@@ -30,11 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="invoicer",
         description="A systemd-native daemon that numbers, processes and stores invoices without gaps.",
-        epilog="Configuration comes from the environment (INVOICER_WORKERS, INVOICER_QUEUE_SIZE, "
-               "INVOICER_DATABASE, INVOICER_PROCESSOR, INVOICER_PROCESSING_DELAY_MS, "
-               "INVOICER_STATUS_INTERVAL, INVOICER_LOG_LEVEL, INVOICER_INVOICE_TIMEOUT, "
-               "INVOICER_CONSUMER_CPU, INVOICER_SOURCE, INVOICER_ORDER_MAX_BYTES, "
-               "INVOICER_INFLIGHT_BYTES); see invoicer(8) and the README.")
+        epilog=f"Configuration comes from the environment ({', '.join(KNOWN_VARIABLES)}); see "
+               "invoicer(8) and the README. The operator commands (submit, rejected, failed, retry) also "
+               "read /etc/default/invoicer, and use the service's database unless INVOICER_DATABASE "
+               "names another.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("run", help="run the daemon in the foreground until SIGTERM or SIGINT",
@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
         description="List the invoices stored as failed; safe while the daemon runs.")
     failed.add_argument("--json", action="store_true", help="one JSON object per line")
     retry = commands.add_parser(
-        "retry", help="process failed invoices again (the daemon must be stopped)",
+        "retry", help="process failed invoices again (SQLite: the daemon must be stopped)",
         description="Process failed invoices again with the configured processor; exit 0 if every one "
                     "is now stored ok, 1 if some still fail.")
     retry.add_argument("ids", type=int, nargs="*", metavar="ID", help="only these (default: all failed)")
