@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from invoicer.bench import Point, _parse, knee, table
+from invoicer.bench import Point, _parse, chart_figure, knee, table
 from tests.conftest import daemon_env
 
 
@@ -57,3 +57,21 @@ def test_a_tiny_real_run(tmp_path: Path) -> None:
     assert [p["workers"] for p in saved["points"]] == [1, 2]
     assert all(0 < p["rate"] <= p["workers"] / 0.001 * 1.05 for p in saved["points"])
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_chart_has_a_panel_per_delay_with_each_ideal_in_its_curves_colour() -> None:
+    """191/s and 43,091/s on one linear axis hid the slow curve: each delay gets a panel of its own."""
+    points = [Point(workers, delay, rate, ideal, rate / ideal, 0.5, 1.0)
+              for delay, rates in ((0.0, (43091, 40000, 39000)), (5.0, (191, 3000, 12000)))
+              for workers, rate, ideal in zip((1, 16, 64), rates, (45000, 45000, 45000) if delay == 0
+                                              else (200, 3200, 12800), strict=True)]
+    figure = chart_figure(points)
+    panels = figure.get_axes()
+    assert [panel.get_title() for panel in panels] == ["processing delay 0 ms", "processing delay 5 ms"]
+    for panel in panels:
+        measured, ideal = panel.get_lines()
+        assert measured.get_color() == ideal.get_color()
+        assert ideal.get_linestyle() == ":"
+        assert panel.get_xscale() == "log"
+    assert panels[0].get_lines()[0].get_color() != panels[1].get_lines()[0].get_color()
+    assert max(panels[1].get_lines()[0].get_ydata()) == 12000  # the slow curve fills its own panel

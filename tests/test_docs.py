@@ -23,7 +23,7 @@ def commands() -> list[str]:
     """The subcommands the command line knows."""
     parser = _parser()
     found = [action.choices for action in parser._actions if hasattr(action, "choices") and action.choices]
-    return sorted(next(iter(found)))  # type: ignore[call-overload]
+    return sorted(next(iter(found)))
 
 
 def test_the_command_line_knows_the_commands_this_test_checks() -> None:
