@@ -449,8 +449,10 @@ def test_a_lock_held_past_the_lock_timeout_is_waited_out(
 @pytest.mark.parametrize(("uri", "code", "says"), [
     ("postgresql://invoicer@localhost/db?bogus=1", EX_CONFIG, "not a valid libpq URI"),
     ("postgresql://invoicer@localhost:99999/db", EX_CONFIG, "is not a TCP port"),
-    # libpq reads what follows a "/" in a password as the path: the rest must not be printed either
-    (f"postgresql://invoicer:{PASSWORD[:4]}/{PASSWORD[4:]}@localhost/db", EX_CONFIG, "is not a TCP port"),
+    # libpq ends the user part at the first "@" and the host at the first "/": neither half is printed
+    (f"postgresql://invoicer:{PASSWORD[:4]}/{PASSWORD[4:]}@localhost/db", EX_CONFIG, "an '@' after the user"),
+    (f"postgresql://invoicer:12/{PASSWORD}@localhost/db", EX_CONFIG, "an '@' after the user"),
+    (f"postgresql://invoicer:{PASSWORD[:4]}@{PASSWORD[4:]}@localhost/db", EX_CONFIG, "an '@' after the user"),
     (f"postgresql://invoicer:{PASSWORD}%zz@localhost/db", EX_CONFIG, "invalid percent-encoded token"),
 ])
 def test_a_malformed_uri_is_one_line_and_exit_78(uri: str, code: int, says: str,

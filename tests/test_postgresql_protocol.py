@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from invoicer.pipeline import invoice_row
 from invoicer.processing import sample_invoice
-from invoicer.storage import Batch
+from invoicer.storage import Batch, StorageError
 
 psycopg = pytest.importorskip("psycopg")
 from invoicer.storage.postgresql import FencedError, PostgresStorage  # noqa: E402  # needs psycopg
@@ -173,3 +173,18 @@ def test_the_fence_refuses_exactly_the_zombie_commits_and_nothing_is_lost(
         assert connection.execute("SELECT count(*) FROM invoice_blocks").fetchone()[0] == 0
         high_water = connection.execute("SELECT high_water FROM invoice_sequence").fetchone()[0]
     assert high_water == len(numbers)
+
+
+def test_a_drain_retries_a_lock_timeout_three_times_however_many_came_before() -> None:
+    """Running, a transient error is always tried again; a drain gets RETRIES of its own, then gives up."""
+    storage = PostgresStorage("postgresql://invoicer@localhost/unused")
+    lock_timeout = StorageError("database …: canceling statement due to lock timeout")
+    lock_timeout.__cause__ = psycopg.errors.LockNotAvailable("canceling statement due to lock timeout")
+    storage.patient = True
+    assert all(storage.may_retry(lock_timeout, attempt) for attempt in range(1, 6))
+    storage.patient = False  # the drain began, five attempts in
+    assert [storage.may_retry(lock_timeout, attempt) for attempt in range(6, 10)] == [True, True, True, False]
+    other = StorageError("database …: the connection was lost")
+    other.__cause__ = psycopg.OperationalError("server closed the connection unexpectedly")
+    storage.patient = True
+    assert not storage.may_retry(other, 1)  # only lock waits, deadlocks and serialization failures

@@ -188,21 +188,22 @@ def resolve_consumer_cpu(setting: str, allowed: Collection[int]) -> int | None:
 
 
 SECRET_KEYS = ("password", "sslpassword")
+MIN_SCRUBBED = 4  # shorter secrets are redacted where the URI holds them, not searched for in any text
 
 
 def uri_secrets(uri: str) -> set[str]:
     """Return the secrets a libpq URI holds (password, sslpassword): as written, decoded and encoded.
 
-    Found generously (libpq ends the user part at the last "@" before the host, so a "?" or "/" may be
-    part of a password), and from libpq's own parse when it parses: redacting too much garbles a log
-    line, too little leaks the password.
+    Found generously (the user part up to the first "@", or the last; the query's values; libpq's own
+    parse when it parses): redacting too much garbles a line, too little leaks the password.
     """
     found: set[str] = set()
     _, sep, rest = uri.partition("://")
     if sep:
-        for authority in (rest.split("/", 1)[0], rest.rpartition("@")[0] + "@"):
-            userinfo, at, _ = authority.rpartition("@")
-            if at and ":" in userinfo:
+        authority = rest.split("/", 1)[0]
+        for userinfo in (authority.partition("@")[0] if "@" in authority else "",
+                         rest.rpartition("@")[0]):
+            if ":" in userinfo:
                 found.add(userinfo.partition(":")[2])
     for piece in re.split(r"[?&]", uri):
         key, equals, value = piece.partition("=")
@@ -221,14 +222,29 @@ def uri_secrets(uri: str) -> set[str]:
 
 
 def scrub(text: str, uri: str) -> str:
-    """Return ``text`` with every secret of ``uri`` in it replaced by ``***``."""
+    """Return ``text`` with every secret of ``uri`` in it replaced by ``***``.
+
+    Secrets shorter than MIN_SCRUBBED characters are left: replacing a one-letter password wherever
+    that letter occurs would show what it is.
+    """
     for secret in sorted(uri_secrets(uri), key=len, reverse=True):
-        text = text.replace(secret, "***")
+        if len(secret) >= MIN_SCRUBBED:
+            text = text.replace(secret, "***")
     return text
 
 
 def redact_uri(uri: str) -> str:
-    """Return ``uri`` with any password in it replaced by ``***`` (for logs, STATUS= and messages)."""
+    """Return ``uri`` with its password, wherever the URI holds one, replaced by ``***``."""
+    scheme, sep, rest = uri.partition("://")
+    if sep:
+        authority, slash, tail = rest.partition("/")  # a "/" in a password: scrub() below finds it
+        userinfo, at, host = authority.rpartition("@")
+        if at and ":" in userinfo:
+            authority = f"{userinfo.partition(':')[0]}:***@{host}"
+        uri = f"{scheme}{sep}{authority}{slash}{tail}"
+    uri = re.sub(r"([?&])([^=&]*)=([^&]*)",
+                 lambda m: f"{m[1]}{m[2]}=***" if urllib.parse.unquote(m[2]).strip().lower() in SECRET_KEYS
+                 else m[0], uri)
     return scrub(uri, uri)
 
 
@@ -244,6 +260,13 @@ def postgresql_uri(env: Mapping[str, str]) -> str:
     except ImportError:
         raise ConfigError("INVOICER_DATABASE names a PostgreSQL database, but psycopg 3 is not installed "
                           "(pip install 'invoicer[postgresql]', or apt install python3-psycopg)") from None
+    authority, _, path = raw.partition("://")[2].partition("/")
+    if authority.count("@") > 1 or "@" in path.partition("?")[0]:
+        # libpq ends the user part at the first "@" and the host at the first "/": a password holding
+        # either would be read, in part, as the host or the database name (and shown in its errors).
+        raise ConfigError("INVOICER_DATABASE: the URI holds an '@' after the user part (in a password, or "
+                          "the database name); expected postgresql://USER:PASSWORD@HOST:PORT/DBNAME with "
+                          "'@', '/', ':' and '?' in a password percent-encoded (%40, %2F, %3A, %3F)")
     try:
         parsed = conninfo.conninfo_to_dict(raw)
     except Exception as exc:  # libpq's parser names the problem

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import signal
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,8 +38,8 @@ def state_path(env: Mapping[str, str], database: Path, pid: int | None = None) -
     runtime = env.get("RUNTIME_DIRECTORY", "").split(":")[0]
     if runtime:
         return Path(runtime) / RELOAD_STATE
-    if pid is not None:
-        return Path(f"invoicer.{pid}.{RELOAD_STATE}")
+    if pid is not None:  # absolute, so that `invoicer reload PID` finds it from any directory
+        return Path(tempfile.gettempdir()) / f"invoicer.{pid}.{RELOAD_STATE}"
     return database.with_name(f"{database.name}.{RELOAD_STATE}")
 
 

@@ -61,6 +61,31 @@ RETRIES = 3      # ... at most, during a drain; while running, until it works (t
 RETRY_S = 0.1    # the first wait before trying again, growing to a second
 COLUMNS_SQL = "id, status, customer, currency, subtotal, tax, total, document, error, attempts, order_id"
 
+# The same guards as SQLite's triggers: a payload never changes, a paired order stays.
+GUARD_FUNCTION = """CREATE OR REPLACE FUNCTION invoicer_orders_guard() RETURNS trigger LANGUAGE plpgsql AS $$
+    DECLARE
+        invoiced boolean;
+    BEGIN
+        IF TG_OP = 'DELETE' THEN
+            IF OLD.invoice_id IS NOT NULL THEN
+                RAISE EXCEPTION 'order % has an invoice number; it cannot be deleted', OLD.id;
+            END IF;
+            RETURN OLD;
+        END IF;
+        IF NEW.payload IS DISTINCT FROM OLD.payload THEN
+            RAISE EXCEPTION 'payload cannot change: submit a new order (a waiting one may be deleted)';
+        END IF;
+        IF OLD.invoice_id IS NOT NULL AND NEW.invoice_id IS DISTINCT FROM OLD.invoice_id THEN
+            -- invoices beside this orders table, whatever the search_path of whoever updates it
+            EXECUTE format('SELECT EXISTS (SELECT 1 FROM %I.invoices WHERE id = $1)', TG_TABLE_SCHEMA)
+                INTO invoiced USING OLD.invoice_id;
+            IF invoiced THEN
+                RAISE EXCEPTION 'order % is invoiced; its invoice number cannot change', OLD.id;
+            END IF;
+        END IF;
+        RETURN NEW;
+    END $$"""
+
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS invoicer_schema (version integer NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS orders (
@@ -108,30 +133,7 @@ SCHEMA = (
     "CREATE INDEX IF NOT EXISTS invoice_blocks_expires ON invoice_blocks (expires)",
     "CREATE INDEX IF NOT EXISTS invoice_blocks_owner ON invoice_blocks (owner)",
     "CREATE SEQUENCE IF NOT EXISTS invoice_epochs",
-    # The same guards as SQLite's triggers: a payload never changes, a paired order stays.
-    """CREATE OR REPLACE FUNCTION invoicer_orders_guard() RETURNS trigger LANGUAGE plpgsql AS $$
-    DECLARE
-        invoiced boolean;
-    BEGIN
-        IF TG_OP = 'DELETE' THEN
-            IF OLD.invoice_id IS NOT NULL THEN
-                RAISE EXCEPTION 'order % has an invoice number; it cannot be deleted', OLD.id;
-            END IF;
-            RETURN OLD;
-        END IF;
-        IF NEW.payload IS DISTINCT FROM OLD.payload THEN
-            RAISE EXCEPTION 'payload cannot change: submit a new order (a waiting one may be deleted)';
-        END IF;
-        IF OLD.invoice_id IS NOT NULL AND NEW.invoice_id IS DISTINCT FROM OLD.invoice_id THEN
-            -- invoices beside this orders table, whatever the search_path of whoever updates it
-            EXECUTE format('SELECT EXISTS (SELECT 1 FROM %I.invoices WHERE id = $1)', TG_TABLE_SCHEMA)
-                INTO invoiced USING OLD.invoice_id;
-            IF invoiced THEN
-                RAISE EXCEPTION 'order % is invoiced; its invoice number cannot change', OLD.id;
-            END IF;
-        END IF;
-        RETURN NEW;
-    END $$""",
+    GUARD_FUNCTION,
     """DO $$ BEGIN
         IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'orders_guard'
                        AND tgrelid = 'orders'::regclass) THEN
@@ -195,8 +197,10 @@ END_ZOMBIES = """
       AND activity.state <> 'idle' AND activity.xact_start < now() - %(lease)s * interval '1 second'
       AND activity.application_name IN (
           SELECT 'invoicer:' || owner FROM invoice_blocks
-          WHERE expires < now() - %(lease)s * interval '1 second')"""
-CHECKING_IDLE_MS = 300_000  # a claim's transaction while the processor checks its orders, at most
+          WHERE expires < now() - %(lease)s * interval '1 second' AND owner <> %(owner)s)"""
+# A claim's transaction while the processor checks its orders, at most: a pause there delays only
+# these orders (the others skip them), never another instance's numbers.
+CHECKING_IDLE_MS = 60_000
 TAKEOVERS_PER_LOOK = 64  # blocks one look may take over (each is its own short transaction)
 
 
@@ -225,6 +229,18 @@ def _create_schema(connection: psycopg.Connection[Any]) -> None:
             for statement in SCHEMA:
                 connection.execute(statement.encode())
             connection.execute("INSERT INTO invoicer_schema VALUES (%s)", (SCHEMA_VERSION,))
+    finally:
+        connection.execute("SELECT pg_advisory_unlock(%s)", (SCHEMA_LOCK,))
+
+
+def _replace_guard(connection: psycopg.Connection[Any]) -> None:
+    """Replace the orders guard's body (it may have changed since the schema was made; no table lock).
+
+    Under the schema lock: two starts replacing it at once fail with "tuple concurrently updated".
+    """
+    connection.execute("SELECT pg_advisory_lock(%s)", (SCHEMA_LOCK,))
+    try:
+        connection.execute(GUARD_FUNCTION.encode())
     finally:
         connection.execute("SELECT pg_advisory_unlock(%s)", (SCHEMA_LOCK,))
 
@@ -347,6 +363,7 @@ class PostgresStorage:
         # Set by the running daemon: a lock another session holds is waited out, lock_timeout after
         # lock_timeout (the health check reports a commit that waits too long); a drain is not patient.
         self.patient = False
+        self._impatient_attempts = 0  # transient failures retried since the daemon stopped being patient
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.owner_key = random.getrandbits(62)
         self.blocks = Blocks()
@@ -396,6 +413,8 @@ class PostgresStorage:
             version = _schema_version(self._writer)
             if version is None or version < SCHEMA_VERSION:
                 _create_schema(self._writer)
+            elif version == SCHEMA_VERSION:
+                _replace_guard(self._writer)
             elif version > SCHEMA_VERSION:
                 raise StorageError(f"database {self.path} has schema version {version}, newer than "
                                    f"this invoicer's {SCHEMA_VERSION}; upgrade invoicer")
@@ -474,8 +493,14 @@ class PostgresStorage:
         Yes for a lock wait that timed out, a deadlock or a serialization failure, while the daemon runs
         (``patient``: as SQLite waits out another program's lock); a drain gives up after RETRIES.
         """
-        if not isinstance(exc.__cause__, TRANSIENT) or (not self.patient and attempt >= RETRIES):
+        if not isinstance(exc.__cause__, TRANSIENT):
             return False
+        if self.patient:
+            self._impatient_attempts = 0
+        else:  # a drain: RETRIES in all, however many were made before it began
+            self._impatient_attempts += 1
+            if self._impatient_attempts > RETRIES:
+                return False
         log.warning("%s; trying again", exc, extra={"attempt": attempt})
         time.sleep(min(1.0, RETRY_S * attempt))  # backing off: a lock waited for lock_timeout already
         return True
@@ -586,7 +611,8 @@ class PostgresStorage:
                     connection.execute(EXPIRE_OWNER, {"key": key})
 
     def _end_zombies(self, connection: psycopg.Connection[Any]) -> None:
-        for ended, name in connection.execute(END_ZOMBIES, {"lease": self.lease}).fetchall():
+        for ended, name in connection.execute(END_ZOMBIES, {"lease": self.lease,
+                                                            "owner": self.owner}).fetchall():
             if ended:
                 log.warning("ended the session %s: its blocks stayed expired and locked for a whole lease",
                             name, extra={"session": name})
