@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
 from pathlib import Path
 
 
+@functools.cache
 def can_unshare() -> bool:
-    """Whether this process may make mount namespaces (root, with unshare and nsenter)."""
-    return os.geteuid() == 0 and shutil.which("unshare") is not None and shutil.which("nsenter") is not None
+    """Whether this process may make private mount namespaces: root, the tools, and a real try.
+
+    In a chroot whose root is no mount point, ``unshare --propagation private`` fails ("cannot change
+    root filesystem propagation"): the probe finds that out, so the tests skip instead of erroring.
+    """
+    if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("nsenter") is None:
+        return False
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "--", "true"],
+                           capture_output=True, timeout=30, check=False)
+    return probe.returncode == 0
 
 
 class MountNamespace:
@@ -34,7 +44,9 @@ class MountNamespace:
     def enter(self) -> list[str]:
         """The command prefix that runs a program inside the namespace."""
         assert self._holder is not None
-        return ["nsenter", f"--mount=/proc/{self._holder.pid}/ns/mnt", "--"]
+        # -r: the holder's root directory too, so that a chroot stays a chroot inside the namespace.
+        holder = f"/proc/{self._holder.pid}"
+        return ["nsenter", f"--mount={holder}/ns/mnt", f"--root={holder}/root", "--"]
 
     def run(self, command: str) -> None:
         """Run a shell command inside the namespace; it must succeed."""

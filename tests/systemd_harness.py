@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.namespace import MountNamespace
+from tests.namespace import MountNamespace, can_unshare
 
 JOURNALD = "/lib/systemd/systemd-journald"
 SYSTEMD = "/lib/systemd/systemd"
@@ -40,6 +40,8 @@ def missing_requirements() -> list[str]:
     missing += [path for path in (JOURNALD, SYSTEMD) if not Path(path).exists()]
     if os.geteuid() != 0:
         missing.append("root (for unshare --mount)")
+    elif not missing and not can_unshare():
+        missing.append("a private mount namespace (unshare --propagation private fails: a chroot?)")
     return missing
 
 
