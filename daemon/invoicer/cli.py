@@ -142,9 +142,8 @@ def tune_gc() -> None:
     """Collect the young generation every 50,000 net allocations instead of 700; freeze start-up objects.
 
     Rows wait for their commit in the results queue, so allocations outrun frees and the default
-    threshold ran a collection every 700 of them, each walking the rows in flight. Measured at 1 worker
-    with no delay: 1.06 x the throughput (median of 8 paired rounds). Garbage in reference cycles is
-    still collected, only in larger steps.
+    threshold ran a collection every 700 of them, each walking the rows in flight (docs/performance.md,
+    "Figures behind the constants"). Garbage in reference cycles is still collected, in larger steps.
     """
     gc.freeze()  # modules, classes, configuration: never garbage, no need to walk them again
     _young, middle, old = gc.get_threshold()

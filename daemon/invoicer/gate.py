@@ -4,8 +4,7 @@ Consumers are threads, and only one of them runs Python at a time (the GIL). Whe
 something outside Python (an API, a disk), many consumers overlap their waits and throughput grows with
 the worker count. When invoices are pure Python work, extra consumers only take turns on the GIL: every
 5 ms a waiting thread forces a switch, the storage writer queues behind a crowd to win the GIL back after
-each SQLite call, and throughput *falls* as workers are added (measured: 56k/s with 1 worker, 33-44k/s
-with 16, at no delay).
+each SQLite call, and throughput *falls* as workers are added (docs/performance.md).
 
 The gate admits ``limit`` consumers, the rest wait on a condition (no CPU, no GIL). An admitted consumer
 keeps its place from chunk to chunk (handing it over after every chunk would wake a waiter each time,
@@ -35,9 +34,8 @@ import os
 import threading
 
 SAMPLES = 16        # chunks in the moving window the limit follows
-# Consumers per core of Python work. At 16 workers with no delay, 1.0 ran at 0.96 x 1 worker and 1.5
-# (two at once) at 0.93 x (medians of 8 paired rounds). A processor that burns CPU outside the GIL (a C
-# library that releases it) also shows a share near 1 and is held to one consumer: that is the price.
+# Consumers per core of Python work: more only take turns on the GIL (docs/performance.md, "Figures
+# behind the constants"); the probe below finds work that runs outside the GIL.
 HEADROOM = 1.0
 # Below this share the gate stays open: invoices that wait 90 % of their time need 10+ consumers anyway,
 # and with many waiting workers (128 at 5 ms) GIL waits stretch chunks unevenly, so a partial limit

@@ -31,9 +31,8 @@ class InvoiceNumberGenerator:
         """Reserve ``block_size`` numbers at a time; with ``max_block_size``, let the block follow the rate.
 
         A reservation is a durable transaction (an fsync) that the producer waits for while the
-        consumers empty the work queue: at 1 worker with no delay, 4,096-number blocks (16 reservations
-        a second) ran at 0.84 x the throughput of 65,536-number blocks (median of 8 paired rounds).
-        Adaptive blocks double while one lasts less than BLOCK_SECONDS / 2 and halve (not below
+        consumers empty the work queue, so blocks grow with the rate (docs/performance.md). Adaptive
+        blocks double while one lasts less than BLOCK_SECONDS / 2 and halve (not below
         ``block_size``) while one lasts more than 4 x BLOCK_SECONDS, so about a second of work is
         reserved ahead, which is also the most that a crash leaves for the next start-up to recover.
         """

@@ -97,9 +97,8 @@ INDEXES = (
     "CREATE INDEX IF NOT EXISTS invoices_failed ON invoices (id) WHERE status = 'failed'",
     # One invoice per order, found with one query; demo invoices (no order) stay out of it.
     "CREATE UNIQUE INDEX IF NOT EXISTS invoices_order ON invoices (order_id) WHERE order_id IS NOT NULL",
-    # One number per order. Partial, so that the waiting orders (NULL) are not in it: a full UNIQUE
-    # index held them all, and the planner then read the waiting orders through it and sorted them,
-    # every claim (77 invoices/s on a backlog of 200,000).
+    # One number per order. Partial, so that the waiting orders (NULL) are not in it, or the planner
+    # reads them through it and sorts them at every claim (docs/performance.md).
     "CREATE UNIQUE INDEX IF NOT EXISTS orders_invoice ON orders (invoice_id) WHERE invoice_id IS NOT NULL",
     # The claim reads the waiting orders in submission order through this; claimed ones leave it.
     "CREATE INDEX IF NOT EXISTS orders_waiting ON orders (id, bytes)"
@@ -125,22 +124,16 @@ SCHEMA = (*TABLES, *INDEXES)
 # power of two and padded with rows of zeros that the WHERE drops (invoice numbers start at 1).
 INSERT_PREFIX = ("INSERT INTO invoices (id, status, customer, currency, subtotal, tax, total, document,"
                  " error, attempts, order_id) SELECT ")
-# Processed invoices, the usual case, bind OK_WIDTH values a row: status and error are literals. Binding
-# costs the writer the GIL: 19 ns for an int, 68 ns for a str, 260 ns for None (which sqlite3 passes
-# through its adapter lookup), so the ten-value row of a processed invoice took 0.85 us and these eight
-# take 0.45 us. The order id is bound as 0 for a demo invoice (NULLIF makes it NULL): an int binds
-# cheaper than None.
+# Processed invoices bind OK_WIDTH values a row, status and error being literals and a demo invoice's
+# order id 0 (NULLIF makes it NULL): binding costs the writer the GIL, and None binds dearest
+# (docs/performance.md, "Figures behind the constants").
 OK_SELECT = ("column1, 'ok', column2, column3, column4, column5, column6, column7, NULL, column8,"
              " NULLIF(column9, 0)")
 ANY_SELECT = "*"
-# Rows per INSERT statement, at most. sqlite3 releases the GIL around every sqlite3_prepare() and
-# sqlite3_step(), and each time the writer must win it back from a busy consumer thread, which takes up
-# to the 5 ms switch interval. executemany() steps once per row (measured: 466 rows/s against one busy
-# thread); 128-row statements 17,900 rows/s; one statement per batch 65,700 rows/s. So a whole batch is
-# one statement, as far as SQLite's variable limit (SQLITE_LIMIT_VARIABLE_NUMBER, read at open; 999
-# before SQLite 3.32) allows. Statements come in power-of-two sizes, padded with rows of zeros: a
-# statement per exact size kept up to 128 compiled programs of up to 40,000 parameters in sqlite3's
-# statement cache (RSS 78 MiB instead of 29 MiB after 10 s).
+# Rows per INSERT statement, at most: a whole batch is one statement, as far as SQLite's variable limit
+# (read at open) allows, because sqlite3 lets go of the GIL at every step and the writer must win it back
+# from busy consumers each time; power-of-two sizes keep sqlite3's statement cache small
+# (docs/performance.md, "Figures behind the constants").
 ROWS_PER_STATEMENT = 2048
 SELECT_MARKS = "SELECT high_water, stored_through FROM sequence WHERE id = 1"
 SELECT_MAX_ID = "SELECT max(id) FROM invoices"
