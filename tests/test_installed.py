@@ -204,6 +204,11 @@ def test_purge_leaves_only_the_database() -> None:
     daemon.send_signal(signal.SIGTERM)
     assert daemon.wait(30) == 0
     stored = assert_gap_free(OPERATOR_DATABASE).count
+    # An operator's `invoicer failed`, run anywhere without INVOICER_DATABASE, finds the service's database.
+    operator_env = {k: v for k, v in daemon_env(OPERATOR_DATABASE).items() if k != "INVOICER_DATABASE"}
+    found = subprocess.run(["/usr/bin/invoicer", "failed"], env=operator_env, capture_output=True, text=True,
+                           check=False, cwd="/")
+    assert (found.returncode, found.stdout, found.stderr) == (0, "", "")
     installed = dpkg_files()
     subprocess.run(["apt-get", "purge", "-y", "invoicer"], check=True, capture_output=True,
                    env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
