@@ -167,6 +167,31 @@ def test_operator_commands_look_where_the_installed_service_writes(tmp_path: Pat
     assert (merged["INVOICER_DATABASE"], source) == ("/tmp/mine.db", "INVOICER_DATABASE")
 
 
+def test_the_operator_environment_refuses_what_would_mislead(tmp_path: Path) -> None:
+    """An unreadable file, a relative database path in it, an empty variable hiding the file's value."""
+    environment = tmp_path / "invoicer"
+    base = {"INVOICER_ENVIRONMENT_FILE": str(environment)}
+    environment.write_text("export INVOICER_WORKERS=4\n")
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        operator_environment(base)
+    environment.write_text("INVOICER_DATABASE=billing.db\n")
+    with pytest.raises(ConfigError, match="is relative: the service resolves it against /"):
+        operator_environment(base)
+    environment.write_text("INVOICER_DATABASE=/srv/billing.db\n")
+    merged, _ = operator_environment({**base, "INVOICER_DATABASE": ""})
+    assert merged["INVOICER_DATABASE"] == "/srv/billing.db"
+
+
+def test_several_environment_files_are_read_in_order(tmp_path: Path) -> None:
+    """invoicer@.service: the shared file, then the instance's, which wins."""
+    shared, instance = tmp_path / "invoicer", tmp_path / "invoicer-2"
+    shared.write_text("INVOICER_WORKERS=4\nINVOICER_DATABASE=/srv/billing.db\n")
+    instance.write_text("INVOICER_WORKERS=9\n")
+    merged, source = operator_environment({"INVOICER_ENVIRONMENT_FILE": f"{shared}:{instance}"})
+    assert (merged["INVOICER_WORKERS"], merged["INVOICER_DATABASE"]) == ("9", "/srv/billing.db")
+    assert source == f"INVOICER_DATABASE in {shared} and {instance}"
+
+
 def test_a_missing_database_says_where_it_looked_and_how_to_point_elsewhere(tmp_path: Path) -> None:
     environment = tmp_path / "invoicer"
     environment.write_text(f"INVOICER_DATABASE={tmp_path / 'gone.db'}\n")

@@ -42,6 +42,12 @@ def test_every_variable_is_in_the_manual_and_the_readme(variable: str) -> None:
     assert f"`{variable}" in README, f"the README's configuration lacks {variable}"
 
 
+@pytest.mark.parametrize("variable", KNOWN_VARIABLES)
+def test_every_variable_is_in_the_shipped_environment_file(variable: str) -> None:
+    shipped = (REPO / "packaging" / "invoicer.default").read_text()
+    assert re.search(rf"^#{variable}=", shipped, re.MULTILINE), f"packaging/invoicer.default lacks {variable}"
+
+
 @pytest.mark.parametrize("command", commands())
 def test_every_command_answers_help(command: str) -> None:
     result = subprocess.run([sys.executable, "-m", "invoicer", command, "--help"], capture_output=True,

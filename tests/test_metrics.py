@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +29,23 @@ def value(parsed: Samples, name: str, **labels: str) -> float:
     return parsed[(name, tuple(sorted({"daemon": "invoicer", **labels}.items())))]
 
 
+def test_a_drain_stopped_at_once_still_leaves_the_metrics_saying_stopped(
+        tmp_path: Path, start_daemon: Callable[..., Daemon]) -> None:
+    metrics = tmp_path / "invoicer.prom"
+    daemon = start_daemon(tmp_path / "invoices.db", INVOICER_METRICS_FILE=str(metrics), INVOICER_WORKERS="4",
+                          INVOICER_PROCESSING_DELAY_MS="200")
+    daemon.wait_ready()
+    daemon.wait_stored(20)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.notify is not None
+    for _ in range(4):  # four ticks of 0.1 s: past the 0.25 s in which a second signal is the same request
+        daemon.notify.wait_for(lambda m: m.startswith("STATUS=draining"), 10, daemon.process.pid)
+    daemon.signal(signal.SIGTERM)  # a second one: stop at once
+    code, _ = daemon.wait()
+    assert code == 128 + signal.SIGTERM
+    assert value(samples(metrics.read_text()), "invoicer_state", state="stopped") == 1
+
+
 def test_a_snapshot_renders_as_the_textfile_format() -> None:
     snapshot = Snapshot(state="draining", workers=8, stored_total=1200, committed=900, pending=40,
                         queue_depth=12, failed=3, oldest_call=1.25, recovery_backlog=0, problem="")
@@ -43,6 +62,19 @@ def test_a_snapshot_renders_as_the_textfile_format() -> None:
     assert value(parsed, "invoicer_state", state="draining") == 1
     assert value(parsed, "invoicer_state", state="running") == 0
     assert value(parsed, "invoicer_healthy") == 1
+
+
+def test_the_file_is_readable_by_the_node_exporter_whatever_the_umask(tmp_path: Path) -> None:
+    """The unit's UMask=0077 must not leave the file readable by its (dynamic) owner only."""
+    metrics = MetricsFile(tmp_path / "invoicer.prom")
+    previous = os.umask(0o077)
+    try:
+        metrics.write(Snapshot(state="running", workers=1, stored_total=0, committed=0, pending=0,
+                               queue_depth=0, paused="ConnectionError: refused"), 0.0)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "invoicer.prom").stat().st_mode) == 0o644
+    assert value(samples((tmp_path / "invoicer.prom").read_text()), "invoicer_paused", daemon="invoicer") == 1
 
 
 def test_an_unwritable_file_is_a_warning_not_a_failure(tmp_path: Path,

@@ -38,7 +38,8 @@ POSTGRESQL_CONF = REPO / "packaging" / "postgresql.conf"
 # What the template may differ in from invoicer.service, and nothing else.
 TEMPLATE_ONLY = {
     "Description=Invoice pipeline daemon, instance %i (one gap-free sequence shared in PostgreSQL)",
-    "EnvironmentFile=-/etc/default/invoicer-%i", "RuntimeDirectory=invoicer/%i", "User=invoicer"}
+    "EnvironmentFile=-/etc/default/invoicer-%i", "RuntimeDirectory=invoicer/%i", "User=invoicer",
+    "Environment=INVOICER_ENVIRONMENT_FILE=/etc/default/invoicer:/etc/default/invoicer-%i"}
 SINGLE_ONLY = {"Description=Invoice pipeline daemon (gap-free numbering, SQLite storage)",
                "RuntimeDirectory=invoicer"}
 
@@ -122,6 +123,9 @@ def test_two_instances_share_one_sequence_with_the_password_in_a_password_file(
         wait_until(lambda: count(check) >= stored + 1000, what="the other instance going on alone")
         status = manager.show("invoicer@2", "StatusText", "MainPID")
         assert status["StatusText"].startswith("running: 3 workers")
+        manager.host_path("/etc/default/invoicer-2").write_text("INVOICER_WORKERS=5\n")
+        manager.systemctl("reload", "invoicer@2")  # re-reads both files: its own value wins again
+        assert manager.show("invoicer@2", "StatusText")["StatusText"].startswith("running: 5 workers")
         title = manager.host_path(f"/proc/{status['MainPID']}/cmdline").read_bytes()
     finally:
         manager.systemctl("stop", "invoicer@1", "invoicer@2", check=False)

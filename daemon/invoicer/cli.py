@@ -24,6 +24,9 @@ from invoicer.daemon import EX_SOFTWARE, Daemon, end_process
 from invoicer.logs import configure_logging
 from invoicer.storage import StorageError, is_postgresql
 
+WHICH_DATABASE = ("The database: INVOICER_DATABASE, else the one /etc/default/invoicer (or "
+                  "INVOICER_ENVIRONMENT_FILE) names, else the service's /var/lib/invoicer/invoices.db where "
+                  "that file exists, else ./invoices.db; the configuration is read the same way.")
 EX_CONFIG = 78  # sysexits.h; the unit's RestartPreventExitStatus=78 keeps systemd from retrying
 
 
@@ -49,22 +52,23 @@ def _parser() -> argparse.ArgumentParser:
         "submit", help="submit orders from a JSON-lines file (- for standard input)",
         description="Check every line of FILE (one JSON order per line; blank lines are skipped) and "
                     "insert them into the orders table in one transaction; safe while the daemon runs. "
-                    "A bad line is reported with its number and nothing is inserted (exit 65).")
+                    "A bad line is reported with its number and nothing is inserted (exit 65). "
+                    + WHICH_DATABASE)
     submit.add_argument("file", metavar="FILE", nargs="?", default="-",
                         help="JSON lines to submit (default -: standard input)")
     rejected = commands.add_parser(
         "rejected", help="list orders rejected before numbering (id, submitted at, reason)",
         description="List the submitted orders the daemon refused before giving them a number; safe "
-                    "while the daemon runs.")
+                    "while the daemon runs. " + WHICH_DATABASE)
     rejected.add_argument("--json", action="store_true", help="one JSON object per line")
     failed = commands.add_parser(
         "failed", help="list invoices stored as failed (number, attempts, last error)",
-        description="List the invoices stored as failed; safe while the daemon runs.")
+        description="List the invoices stored as failed; safe while the daemon runs. " + WHICH_DATABASE)
     failed.add_argument("--json", action="store_true", help="one JSON object per line")
     retry = commands.add_parser(
         "retry", help="process failed invoices again (SQLite: the daemon must be stopped)",
         description="Process failed invoices again with the configured processor; exit 0 if every one "
-                    "is now stored ok, 1 if some still fail.")
+                    "is now stored ok, 1 if some still fail. " + WHICH_DATABASE)
     retry.add_argument("ids", type=int, nargs="*", metavar="ID", help="only these (default: all failed)")
     bench = commands.add_parser(
         "bench", help="measure throughput over a grid of worker counts and delays",
@@ -157,8 +161,10 @@ def maintain(args: argparse.Namespace) -> int:  # noqa: PLR0911  # one return pe
     """
     from invoicer import maintenance  # noqa: PLC0415  # only these commands need it
 
-    env, source = operator_environment(os.environ)
     try:
+        env, source = operator_environment(os.environ)
+        for warning in unknown_variables(env):
+            print(f"invoicer {args.command}: warning: {warning}", file=sys.stderr)
         config = load_config(env)
         configure_logging(config.log_level, stream=sys.stderr)  # stdout carries the command's output
         if args.command == "failed":

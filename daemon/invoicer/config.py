@@ -13,7 +13,7 @@ import itertools
 import os
 import re
 import urllib.parse
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -386,13 +386,26 @@ def unknown_variables(env: Mapping[str, str]) -> list[str]:
     return warnings
 
 
-TEST_VARIABLES = ("INVOICER_FAULT_CYCLES", "INVOICER_BENCH_INVOICES")  # the test suite's own
+TEST_VARIABLES = ("INVOICER_FAULT_CYCLES", "INVOICER_BENCH_INVOICES", "INVOICER_POWER_FIGURES")  # tests
 RELOADABLE = ("workers", "log_level")
 
 
-def environment_file(env: Mapping[str, str]) -> Path:
-    """Name the file ``reload`` re-reads: ``$INVOICER_ENVIRONMENT_FILE`` or /etc/default/invoicer."""
-    return Path(env.get("INVOICER_ENVIRONMENT_FILE", "") or ENVIRONMENT_FILE)
+def environment_files(env: Mapping[str, str]) -> list[Path]:
+    """Name the files ``reload`` and the operator commands read, in order (a later one wins).
+
+    ``$INVOICER_ENVIRONMENT_FILE``, several separated by ":" (invoicer@.service names the shared file
+    and its instance's), or /etc/default/invoicer.
+    """
+    raw = env.get("INVOICER_ENVIRONMENT_FILE", "").strip()
+    return [Path(part) for part in raw.split(":") if part] if raw else [ENVIRONMENT_FILE]
+
+
+def read_environment_files(paths: Sequence[Path]) -> dict[str, str]:
+    """Read each file in order (a missing one is empty); a later file's value wins."""
+    values: dict[str, str] = {}
+    for path in paths:
+        values.update(read_environment_file(path))
+    return values
 
 
 def read_environment_file(path: Path) -> dict[str, str]:
@@ -436,17 +449,20 @@ def operator_environment(env: Mapping[str, str]) -> tuple[dict[str, str], str]:
     (``/var/lib/invoicer/invoices.db``): ``invoicer failed`` run by an operator then looks where the
     service writes, not in the current directory.
     """
-    path = environment_file(env)
-    try:
-        values = read_environment_file(path)
-    except ConfigError:
-        values = {}
-    merged = {**values, **env}
+    paths = environment_files(env)
+    names = " and ".join(map(str, paths))
+    values = read_environment_files(paths)  # one it cannot read is an error, not silently nothing
+    # An empty variable is no setting (as in the unit's EnvironmentFile=): it must not hide the file's.
+    merged = {**values, **{k: v for k, v in env.items() if v.strip() or k not in values}}
     if env.get("INVOICER_DATABASE", "").strip():
         return merged, "INVOICER_DATABASE"
-    if values.get("INVOICER_DATABASE", "").strip():
-        return merged, f"INVOICER_DATABASE in {path}"
-    if path.exists():
+    from_file = values.get("INVOICER_DATABASE", "").strip()
+    if from_file:
+        if not from_file.startswith(("postgresql://", "postgres://")) and not Path(from_file).is_absolute():
+            raise ConfigError(f"INVOICER_DATABASE={from_file!r} in {names} is relative: the service resolves "
+                              "it against /, this command against its directory; expected an absolute path")
+        return merged, f"INVOICER_DATABASE in {names}"
+    if any(path.exists() for path in paths):
         merged["INVOICER_DATABASE"] = str(SERVICE_DATABASE)
-        return merged, f"the service's state directory, as {path} names no INVOICER_DATABASE"
-    return merged, f"the current directory, as neither INVOICER_DATABASE nor {path} names one"
+        return merged, f"the service's state directory, as {names} names no INVOICER_DATABASE"
+    return merged, f"the current directory, as neither INVOICER_DATABASE nor {names} names one"

@@ -20,10 +20,11 @@ from invoicer.config import (
     Config,
     ConfigError,
     changed_settings,
-    environment_file,
+    environment_files,
     load_config,
-    read_environment_file,
+    read_environment_files,
     resolve_consumer_cpu,
+    unknown_variables,
 )
 from invoicer.generator import MAX_BLOCK_SIZE, InvoiceNumberGenerator
 from invoicer.intake import ByteBudget, DemoSource, OrderSource, Recovery
@@ -73,7 +74,8 @@ class Daemon:
         self._state = "starting"
         # What reload starts from: the environment we were started with, less what came from the file.
         self._start_env = dict(os.environ)
-        self._environment_file = environment_file(self._start_env)
+        self._environment_files = environment_files(self._start_env)
+        self._environment_file = " and ".join(map(str, self._environment_files))  # for messages
         self._reload_state = control.state_path(self._start_env, config.database,
                                                 os.getpid() if config.postgresql else None)
         self._reloads = 0
@@ -95,7 +97,7 @@ class Daemon:
         for signum in HANDLED_SIGNALS:  # early: a stop or reload during start-up is acted on once running
             signal.signal(signum, self._on_signal)
         try:
-            self._file_keys = frozenset(read_environment_file(self._environment_file))
+            self._file_keys = frozenset(read_environment_files(self._environment_files))
         except ConfigError as exc:
             log.warning("%s; reload will not be able to tell its variables from the rest", exc)
         try:
@@ -290,7 +292,9 @@ class Daemon:
 
     def _read_config(self) -> Config:
         # A variable deleted from the file since start falls back to its default, not its old value.
-        values = read_environment_file(self._environment_file)
+        values = read_environment_files(self._environment_files)
+        for warning in unknown_variables(values):
+            log.warning("%s (in %s)", warning, self._environment_file)
         env = {k: v for k, v in self._start_env.items() if k not in self._file_keys} | values
         return load_config(env)
 
@@ -354,8 +358,7 @@ class Daemon:
             "last_number": self._source.last_issued, "pending": snapshot.pending,
             "abandoned": snapshot.abandoned})
         self._notifier.status(f"stopped: {snapshot.stored_total:,} stored")
-        if self._metrics is not None:
-            self._metrics.write(snapshot, 0.0)
+        self._final_metrics(snapshot)
         self._notifier.stopping()
         self._notifier.close()
         self._storage.close()
@@ -405,8 +408,15 @@ class Daemon:
             if kind == "fatal":
                 self._die(f"{what} failed during the drain: {detail}", detail)
 
+    def _final_metrics(self, snapshot: Snapshot) -> None:
+        """Leave the metrics saying the process ended (however it ends, short of SIGKILL)."""
+        if self._metrics is not None:
+            with contextlib.suppress(Exception):  # the process is ending: nothing must stop it
+                self._metrics.write(dataclasses.replace(snapshot, state="stopped"), 0.0)
+
     def _abandon(self, reason: str, exit_code: int) -> None:
         snapshot = self._snapshot()
+        self._final_metrics(snapshot)
         owed = snapshot.pending + getattr(self._source, "claimed_ahead", 0)
         log.warning("%s: stopping at once; %d unfinished invoice numbers will be recovered at the next "
                     "start", reason, owed, extra={"pending": owed, "exit_code": exit_code})
@@ -415,6 +425,8 @@ class Daemon:
 
     def _die(self, message: str, exc: BaseException) -> None:
         exit_code = exc.exit_code if isinstance(exc, StorageError) else EX_SOFTWARE
+        if hasattr(self, "_metrics"):  # built: the pipeline ran
+            self._final_metrics(self._snapshot())
         log.critical("%s", message, exc_info=(type(exc), exc, exc.__traceback__),
                      extra={"exit_code": exit_code})
         self._notifier.status(f"failed: {message}")

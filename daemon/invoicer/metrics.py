@@ -7,6 +7,7 @@ reads half of it. Labels: ``daemon``, the file's name without ``.prom`` (several
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -45,7 +46,9 @@ def render(snapshot: Snapshot, rate: float, daemon: str) -> str:
               "# TYPE invoicer_state gauge"]
     lines += [f'invoicer_state{{{label},state="{state}"}} {int(snapshot.state == state)}' for state in STATES]
     lines += ["# HELP invoicer_healthy 1 while the pipeline is healthy (the watchdog is pinged).",
-              "# TYPE invoicer_healthy gauge", f"invoicer_healthy{{{label}}} {int(not snapshot.problem)}"]
+              "# TYPE invoicer_healthy gauge", f"invoicer_healthy{{{label}}} {int(not snapshot.problem)}",
+              "# HELP invoicer_paused 1 while intake is paused because the processor's service is down.",
+              "# TYPE invoicer_paused gauge", f"invoicer_paused{{{label}}} {int(bool(snapshot.paused))}"]
     return "\n".join(lines) + "\n"
 
 
@@ -66,11 +69,15 @@ class MetricsFile:
         temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}")
         try:
             temporary.write_text(render(snapshot, rate, self.daemon), encoding="utf-8")
+            # Readable by the node exporter's user: the unit's UMask=0077 would make it 0600.
+            temporary.chmod(0o644)
             temporary.replace(self.path)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a file name the file system cannot encode
+            with contextlib.suppress(OSError, ValueError):
+                temporary.unlink(missing_ok=True)
             if not self._failing:
                 log.warning("cannot write the metrics file %s (%s); trying again every tick", self.path,
-                            exc.strerror or exc)
+                            getattr(exc, "strerror", None) or exc)
             self._failing = True
             return
         if self._failing:

@@ -342,7 +342,7 @@ class Storage:
     def open_shared(self) -> None:
         """Open for reading only, beside a running daemon: no instance lock, no schema changes."""
         if not self.path.exists():
-            raise StorageError(f"database {self.path} does not exist")
+            raise StorageError(f"database {self.path.absolute()} does not exist")
         try:
             # as_uri() percent-encodes the path: a '#', '?' or '%' in it must not change which file opens.
             uri = f"{self.path.absolute().as_uri()}?mode=ro"
