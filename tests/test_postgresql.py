@@ -162,6 +162,8 @@ def test_sigkill_of_the_only_instance_is_recovered_by_its_restart_at_once(
     restarted = start_daemon(uri, INVOICER_WORKERS="16", INVOICER_PROCESSING_DELAY_MS="5",
                              INVOICER_LEASE_TIMEOUT="60")
     restarted.wait_ready()
+    assert restarted.notify is not None  # what it took over is a recovery, and STATUS= says so
+    restarted.notify.wait_for(lambda m: m.startswith("STATUS=recovering:"), 15, restarted.process.pid)
     assert wait_for(lambda: owned_by(uri, daemon.process.pid) == 0, 15)
     (log,) = stop_all([restarted])
     assert "took over invoice numbers" in log

@@ -177,8 +177,10 @@ class Daemon:
     def _snapshot(self) -> Snapshot:
         writer = self._writer
         state = self._state
-        # Recovering until every number owed at start-up is stored (stored_through only grows).
-        if state == "running" and self._plan.missing and writer.stored_through < self._plan.high_water:
+        # Recovering until every number owed at start-up is stored (stored_through only grows), or every
+        # number taken over from another PostgreSQL instance.
+        owed_at_start = bool(self._plan.missing) and writer.stored_through < self._plan.high_water
+        if state == "running" and (owed_at_start or self._storage.recovering()):
             state = "recovering"
         elif state == "running" and self._producer.idle and not self._pending():
             state = "idle"  # no order waiting, nothing in flight
@@ -199,10 +201,11 @@ class Daemon:
             recovery_backlog=self._recovery_backlog(state))
 
     def _recovery_backlog(self, state: str) -> int:
-        """Numbers owed at start-up and not stored yet (while recovering; SQLite, where it is known)."""
+        """Numbers owed at start-up (SQLite) or taken over (PostgreSQL) and not stored yet."""
         if state != "recovering":
             return 0
-        return max(0, min(self._plan.missing_total, self._plan.high_water - self._writer.stored_through))
+        owed = max(0, min(self._plan.missing_total, self._plan.high_water - self._writer.stored_through))
+        return owed + int(self._storage.recovering())
 
     def _pending(self) -> int:
         """Numbers handed to the pipeline and not yet committed."""

@@ -275,12 +275,16 @@ def _error(uri: str, exc: BaseException, doing: str = "") -> StorageError:  # no
 
 
 class Block:
-    """A block this instance owns: numbers ``first..last`` under ``epoch``, ``left`` of them unstored."""
+    """A block this instance owns: numbers ``first..last`` under ``epoch``, ``left`` of them unstored.
 
-    __slots__ = ("epoch", "first", "last", "left")
+    ``taken`` marks one taken over from another instance: its numbers are a recovery.
+    """
 
-    def __init__(self, first: int, last: int, epoch: int, left: int) -> None:
+    __slots__ = ("epoch", "first", "last", "left", "taken")
+
+    def __init__(self, first: int, last: int, epoch: int, left: int, *, taken: bool = False) -> None:
         self.first, self.last, self.epoch, self.left = first, last, epoch, left
+        self.taken = taken
 
 
 class Blocks:
@@ -337,6 +341,11 @@ class Blocks:
                 if block.left <= 0:
                     del self._blocks[first]
                     self._firsts.remove(first)
+
+    def recovering(self) -> int:
+        """Numbers of blocks taken over from other instances that are not stored yet."""
+        with self._lock:
+            return sum(block.left for block in self._blocks.values() if block.taken)
 
     def drop(self) -> None:
         """Forget every block (this instance was fenced)."""
@@ -487,6 +496,10 @@ class PostgresStorage:
         """Return what the writer commits through: the fence, the rows, the finished blocks."""
         return PostgresLedger(self)
 
+    def recovering(self) -> int:
+        """Numbers taken over from other instances (or this host's last run) and not stored yet."""
+        return self.blocks.recovering()
+
     def may_retry(self, exc: StorageError, attempt: int) -> bool:
         """Say whether to try again after ``exc``, and log it.
 
@@ -595,7 +608,7 @@ class PostgresStorage:
                 missing.append(range(expected, number))
             expected = number + 1
         if missing:
-            self.blocks.add(Block(first, last, epoch, sum(len(numbers) for numbers in missing)))
+            self.blocks.add(Block(first, last, epoch, sum(len(numbers) for numbers in missing), taken=True))
         log.warning("took over invoice numbers %d..%d from %s: %d not stored yet", first, last, previous,
                     sum(len(numbers) for numbers in missing),
                     extra={"first": first, "last": last, "previous_owner": previous, "epoch": epoch})

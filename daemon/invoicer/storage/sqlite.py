@@ -624,6 +624,10 @@ class Storage:
         """Return the writer's bookkeeping, starting from what start-up found."""
         return Ledger(self, plan)
 
+    def recovering(self) -> int:
+        """Numbers taken over from other instances, unstored (none: one instance per SQLite database)."""
+        return 0
+
     def may_retry(self, exc: StorageError, attempt: int) -> bool:
         """Never: SQLite's busy timeout (and ``patient``) did the waiting already."""
         return False
