@@ -81,6 +81,7 @@ class Daemon:
         self._reloads = 0
         self._stop_signal_at = 0.0
         self._file_keys: frozenset[str] = frozenset()
+        self._metrics: MetricsFile | None = None  # built with the pipeline (INVOICER_METRICS_FILE)
         watchdog = watchdog_interval(os.environ, os.getpid())
         self._watchdog = watchdog
         self._stall_s = min(STALL_S, watchdog / 2) if watchdog else STALL_S
@@ -428,7 +429,7 @@ class Daemon:
 
     def _die(self, message: str, exc: BaseException) -> None:
         exit_code = exc.exit_code if isinstance(exc, StorageError) else EX_SOFTWARE
-        if hasattr(self, "_metrics"):  # built: the pipeline ran
+        if self._metrics is not None:
             self._final_metrics(self._snapshot())
         log.critical("%s", message, exc_info=(type(exc), exc, exc.__traceback__),
                      extra={"exit_code": exit_code})

@@ -231,7 +231,6 @@ class OrderSource:
         self._on_fatal = on_fatal
         self._recovery = Recovery(storage, budget, check, max_order_bytes)
         self._block = MIN_CLAIM
-        self._room_wanted = 0  # bytes the next order needs before a claim can take it
         self._claimed_at: float | None = None
         self._reserved_last = high_water  # written by whoever claims (the claimer thread, once started)
         # Rule: _changed's lock guards _current, _offset, _ready and _last_issued. The producer takes,
@@ -334,25 +333,27 @@ class OrderSource:
         if room <= 0:
             self._budget.wait_room(1, IDLE_POLL_S)
             return None
-        self._room_wanted = 0
         try:
             with self._storage.claiming(self._block, self._max_bytes, room) as claim:
-                chunk = self._pair(claim, room)
+                chunk, wanted = self._pair(claim, room)
         except StorageError as exc:  # PostgreSQL: a lock wait timed out, say; the next look tries again
             if not self._storage.may_retry(exc, 1):
                 raise
             return None
-        if self._room_wanted:  # the next order does not fit yet: wait for its room, not a poll
-            self._budget.wait_room(self._room_wanted, ROOM_WAIT_S)
+        if wanted:  # the next order does not fit yet: wait for its room (outside the claim), not a poll
+            self._budget.wait_room(wanted, ROOM_WAIT_S)
         return chunk
 
-    def _pair(self, claim: Any, room: int) -> OrderChunk | None:
-        """Check the orders ``claim`` read, and pair the valid ones with numbers (refuse the rest)."""
+    def _pair(self, claim: Any, room: int) -> tuple[OrderChunk | None, int]:
+        """Check the orders ``claim`` read, and pair the valid ones with numbers (refuse the rest).
+
+        Returns the paired chunk (None: nothing paired) and the bytes the next order waits for (0: none).
+        """
         block = self._block
         waiting = claim.waiting
         if not waiting:
             self.idle = True
-            return None
+            return None, 0
         self.idle = False
         valid: list[tuple[int, dict[str, Any], int]] = []
         rejected: list[tuple[int, str]] = []
@@ -375,20 +376,19 @@ class OrderSource:
                 continue
             taken += size
         if not valid and not rejected:  # waits outside the claim (a PostgreSQL one holds row locks)
-            self._room_wanted = blocked
-            return None
+            return None, blocked
         try:
             first, last = claim.pair([order_id for order_id, _, _ in valid], rejected)
         except ClaimConflictError as exc:  # another program deleted a waiting order: read them again
             log.info("claim rolled back and tried again: %s", exc)
-            return None
+            return None, 0
         for order_id, reason in rejected:
             log.warning("order %d rejected before numbering: %s", order_id, reason,
                         extra={"order": order_id, "reason": reason})
         self.rejected_total += len(rejected)
         self._adapt_block(full=len(waiting) == block)
         if not valid:
-            return None
+            return None, 0
         if self._storage.contiguous and first != self._reserved_last + 1:
             raise RuntimeError(f"claimed numbers {first}..{last} do not follow {self._reserved_last}; "
                                "is another writer using the database?")
@@ -398,7 +398,7 @@ class OrderSource:
         numbers = range(first, last + 1)
         return OrderChunk(numbers, [InvoiceRequest(number, order_id, order)
                                     for number, (order_id, order, _) in zip(numbers, valid, strict=True)],
-                          [size for _, _, size in valid])
+                          [size for _, _, size in valid]), 0
 
     def _adapt_block(self, *, full: bool) -> None:
         """Grow the block while full claims come faster than CLAIM_SECONDS; shrink when they are slow.

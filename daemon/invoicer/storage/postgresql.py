@@ -221,16 +221,12 @@ def _create_schema(connection: psycopg.Connection[Any]) -> None:
     """
     # A session lock, then a transaction of its own: a transaction that waited for the lock would still
     # see its start's cached "no such table" and create the schema a second time (seen: 3 of 5 starts).
-    connection.execute("SELECT pg_advisory_lock(%s)", (SCHEMA_LOCK,))
-    try:
-        with connection.transaction():
-            if _schema_version(connection) is not None:
-                return  # another instance created it while this one waited for the lock
-            for statement in SCHEMA:
-                connection.execute(statement.encode())
-            connection.execute("INSERT INTO invoicer_schema VALUES (%s)", (SCHEMA_VERSION,))
-    finally:
-        connection.execute("SELECT pg_advisory_unlock(%s)", (SCHEMA_LOCK,))
+    with _schema_lock(connection), connection.transaction():
+        if _schema_version(connection) is not None:
+            return  # another instance created it while this one waited for the lock
+        for statement in SCHEMA:
+            connection.execute(statement.encode())
+        connection.execute("INSERT INTO invoicer_schema VALUES (%s)", (SCHEMA_VERSION,))
 
 
 def _replace_guard(connection: psycopg.Connection[Any]) -> None:
@@ -238,9 +234,16 @@ def _replace_guard(connection: psycopg.Connection[Any]) -> None:
 
     Under the schema lock: two starts replacing it at once fail with "tuple concurrently updated".
     """
+    with _schema_lock(connection):
+        connection.execute(GUARD_FUNCTION.encode())
+
+
+@contextlib.contextmanager
+def _schema_lock(connection: psycopg.Connection[Any]) -> Iterator[None]:
+    """Hold the session-level advisory lock that serializes schema changes across instances."""
     connection.execute("SELECT pg_advisory_lock(%s)", (SCHEMA_LOCK,))
     try:
-        connection.execute(GUARD_FUNCTION.encode())
+        yield
     finally:
         connection.execute("SELECT pg_advisory_unlock(%s)", (SCHEMA_LOCK,))
 
@@ -418,7 +421,7 @@ class PostgresStorage:
         try:
             self._writer = self._connect()
             self._claimer = self._connect()
-            self._leaser = self._connect()
+            self._leaser = self._connect_leaser()
             version = _schema_version(self._writer)
             if version is None or version < SCHEMA_VERSION:
                 _create_schema(self._writer)
@@ -427,7 +430,6 @@ class PostgresStorage:
             elif version > SCHEMA_VERSION:
                 raise StorageError(f"database {self.path} has schema version {version}, newer than "
                                    f"this invoicer's {SCHEMA_VERSION}; upgrade invoicer")
-            self._leaser.execute("SELECT pg_advisory_lock(%s)", (self.owner_key,))
         except StorageError:
             self.close()
             raise
@@ -436,6 +438,12 @@ class PostgresStorage:
             raise _error(self.uri, exc, "creating the schema") from exc
         self._renewer = threading.Thread(target=self._renew_loop, name="invoicer-lease", daemon=True)
         self._renewer.start()
+
+    def _connect_leaser(self) -> psycopg.Connection[Any]:
+        """Connect the renewals' session and take this instance's liveness lock, held while it lives."""
+        connection = self._connect()
+        connection.execute("SELECT pg_advisory_lock(%s)", (self.owner_key,))
+        return connection
 
     def open_reader(self) -> None:
         """Nothing to do: claims have their own connection already."""
@@ -460,8 +468,7 @@ class PostgresStorage:
             try:
                 with self._lease_lock:
                     if self._leaser is None or self._leaser.closed:
-                        self._leaser = self._connect()
-                        self._leaser.execute("SELECT pg_advisory_lock(%s)", (self.owner_key,))
+                        self._leaser = self._connect_leaser()
                     self._leaser.execute(RENEW, {"owner": self.owner, "lease": self.lease})
                 self.renew_failures = 0
             except (psycopg.Error, StorageError) as exc:
@@ -480,13 +487,7 @@ class PostgresStorage:
 
     def recovery_plan(self) -> RecoveryPlan:
         """Nothing to recover first: unfinished blocks (this host's last run's among them) are taken over."""
-        try:
-            with self._claim_lock:
-                connection = self._connection(self._claimer)
-                row = connection.execute(UNSTORED).fetchone()
-        except psycopg.Error as exc:
-            raise _error(self.uri, exc, "reading the marks") from exc
-        assert row is not None
+        (row,) = self.query(UNSTORED, (), "reading the marks")
         high_water, unstored = int(row[0]), int(row[1])
         # stored_through: how many are stored, all instances together, as this one starts (STATUS= adds
         # its own commits, not the others').
@@ -632,13 +633,9 @@ class PostgresStorage:
 
     def paired_orders(self, first: int, last: int) -> list[tuple[int, int, bytes]]:
         """Return (number, order id, payload bytes) of the orders paired with numbers ``first..last``."""
-        with self._claim_lock:
-            try:
-                rows = self._connection(self._claimer).execute(
-                    "SELECT invoice_id, id, convert_to(payload, 'UTF8') FROM orders"
-                    " WHERE invoice_id BETWEEN %s AND %s ORDER BY invoice_id", (first, last)).fetchall()
-            except psycopg.Error as exc:
-                raise _error(self.uri, exc, "reading orders to recover") from exc
+        rows = self.query("SELECT invoice_id, id, convert_to(payload, 'UTF8') FROM orders"
+                          " WHERE invoice_id BETWEEN %s AND %s ORDER BY invoice_id", (first, last),
+                          "reading orders to recover")
         return [(int(number), int(order_id), bytes(payload)) for number, order_id, payload in rows]
 
     # -- for the operator commands ------------------------------------------------------------------
