@@ -334,6 +334,8 @@ def test_a_paused_instance_is_fenced_and_stores_nothing_it_lost(  # noqa: PLR091
     code, log = zombie.wait(30)
     assert code == EX_TEMPFAIL, log[-2000:]
     assert any(end in log for end in ends_with), log[-1500:]
+    # Resumed, it may have taken a block before it found out; dead now, that one is the other's too.
+    assert wait_for(lambda: owned_by(uri, zombie.process.pid) == 0, 15)
     (other_log,) = stop_all([other])
     assert other_says in other_log
     assert_gap_free(uri)
