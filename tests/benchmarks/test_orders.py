@@ -1,11 +1,13 @@
 """Benchmarks of the orders source: ``python -m pytest -m bench -s tests/benchmarks/test_orders.py``.
 
-Throughput against the demo source on a backlog of 1,000,000 submitted orders (target >= 0.8 x), and the
-latency from submit to commit, at idle and under load. Figures are printed, not asserted.
+Throughput against the demo source on a backlog of 1,000,000 submitted orders (target >= 0.8 x), where
+the difference goes (the floor), and the latency from submit to commit, at idle and under load. Figures
+are printed, not asserted.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import signal
@@ -29,6 +31,7 @@ from tests.conftest import NotifyListener, daemon_env
 pytestmark = [pytest.mark.bench, pytest.mark.timeout(3600)]
 
 BACKLOG = 1_000_000
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -49,29 +52,73 @@ def backlog(workdir: Path) -> Path:
     return database
 
 
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """Where rates are measured: workers and delay, the backlog's database, a work directory."""
+
+    workers: int
+    delay_ms: float
+    backlog: Path
+    workdir: Path
+    alone: float
+
+    def rate(self, source: str, processor: str | None = None) -> float:
+        """Invoices per second of ``source`` (``orders``: on a fresh copy of the backlog)."""
+        database = None
+        extra = {"INVOICER_SOURCE": source}
+        if source == "orders":
+            database = self.workdir / "orders-point.db"
+            shutil.copyfile(self.backlog, database)
+        if processor is not None:
+            extra |= {"INVOICER_PROCESSOR": processor, "PYTHONPATH": f"{REPO / 'daemon'}:{REPO}"}
+        return measure(self.workers, self.delay_ms, seconds=4.0, warmup=1.0, queue_size=1024,
+                       alone=self.alone, directory=self.workdir, extra_env=extra, database=database).rate
+
+
 @pytest.mark.parametrize(("workers", "delay_ms"), [(1, 0.0), (128, 5.0)])
 def test_orders_against_demo(workers: int, delay_ms: float, backlog: Path, workdir: Path) -> None:
     """The orders source on the backlog against the demo source, same workers and delay (target 0.8).
 
     Three rounds, the order alternating; the ratio of each back-to-back pair, and their median.
     """
-    alone = processor_alone(1.0)
+    point = Point(workers, delay_ms, backlog, workdir, processor_alone(1.0))
     ratios = []
     for round_number in range(3):
-        rates = {}
-        for source in (("demo", "orders") if round_number % 2 == 0 else ("orders", "demo")):
-            database = None
-            if source == "orders":
-                database = workdir / "orders-point.db"
-                shutil.copyfile(backlog, database)
-            rates[source] = measure(workers, delay_ms, seconds=4.0, warmup=1.0, queue_size=1024, alone=alone,
-                                    directory=workdir, extra_env={"INVOICER_SOURCE": source},
-                                    database=database).rate
+        rates = {source: point.rate(source)
+                 for source in (("demo", "orders") if round_number % 2 == 0 else ("orders", "demo"))}
         ratios.append(rates["orders"] / rates["demo"])
         print(f"\nround {round_number + 1}, {workers} workers at {delay_ms:g} ms: "
               f"demo {rates['demo']:,.0f}/s, orders {rates['orders']:,.0f}/s = {ratios[-1]:.2f} x")
         assert rates["orders"] > 0
     print(f"median: orders = {statistics.median(ratios):.2f} x demo (target 0.8)")
+
+
+FLOOR = {"shared": "tests.benchmarks.floor:shared", "fresh": "tests.benchmarks.floor:fresh", "built-in": None}
+
+
+@pytest.mark.parametrize(("workers", "delay_ms"), [(1, 0.0), (128, 5.0)])
+def test_where_the_difference_goes(workers: int, delay_ms: float, backlog: Path, workdir: Path) -> None:
+    """The orders source with checks cheaper than the built-in one (tests/benchmarks/floor.py), against demo.
+
+    ``shared``: no parsing, no checking, no new order objects (the claims and order ids alone).
+    ``fresh``: a new copy of each parsed order, no parsing or checking: the floor of any parser.
+    ``built-in``: json and the order format's check, as the daemon runs by default.
+    Three rounds, the order rotating; the median ratio of each to the demo source of its round.
+    """
+    point = Point(workers, delay_ms, backlog, workdir, processor_alone(1.0))
+    ratios: dict[str, list[float]] = {name: [] for name in FLOOR}
+    for round_number in range(3):
+        names = ["demo", *FLOOR]
+        names = names[round_number:] + names[:round_number]
+        rates = {name: point.rate("demo") if name == "demo" else point.rate("orders", FLOOR[name])
+                 for name in names}
+        for name in FLOOR:
+            ratios[name].append(rates[name] / rates["demo"])
+        print(f"\nround {round_number + 1}, {workers} workers at {delay_ms:g} ms: "
+              + ", ".join(f"{name} {rates[name]:,.0f}/s" for name in ["demo", *FLOOR]))
+        assert all(rate > 0 for rate in rates.values())
+    print("median against demo: " + ", ".join(f"{name} {statistics.median(values):.2f} x"
+                                              for name, values in ratios.items()))
 
 
 def _latencies(database: Path, count: int, *, gap: float) -> list[float]:
