@@ -178,8 +178,11 @@ RENEW = ("UPDATE invoice_blocks SET expires = now() + %(lease)s * interval '1 se
 EXPIRE_MINE = "UPDATE invoice_blocks SET expires = now() - interval '1 second' WHERE owner = %(owner)s"
 # Not this instance's own: a block whose lease ran out while its owner lives (its renewals failed) is
 # still its owner's to finish, and the fence lets it; taking it over would queue its numbers twice.
+# Never a block this instance still holds work of: it lost it (paused past its lease) to an instance
+# that has since died, and taking it back would let its stale work pass the fence beside the new.
 TAKE_EXPIRED = """
     SELECT first, last, owner FROM invoice_blocks WHERE expires < now() AND owner <> %(owner)s
+        AND first <> ALL(%(mine)s::bigint[])
     ORDER BY first LIMIT 1 FOR UPDATE SKIP LOCKED"""
 TAKE_BLOCK = """
     UPDATE invoice_blocks SET owner = %(owner)s, owner_key = %(key)s, epoch = nextval('invoice_epochs'),
@@ -305,6 +308,11 @@ class Blocks:
             index = bisect_right(self._firsts, block.first)
             self._firsts.insert(index, block.first)
             self._blocks[block.first] = block
+
+    def firsts(self) -> list[int]:
+        """Return where the blocks this instance owns begin."""
+        with self._lock:
+            return list(self._blocks)
 
     def count(self, numbers: Iterable[Sequence[int]]) -> dict[int, int]:
         """Return {block first: how many of ``numbers`` it holds}; KeyError for a number in none."""
@@ -589,7 +597,8 @@ class PostgresStorage:
                 connection = self._connection(self._claimer)
                 self._expire_dead_owners(connection)
                 with connection.transaction():
-                    found = connection.execute(TAKE_EXPIRED, {"owner": self.owner}).fetchone()
+                    found = connection.execute(TAKE_EXPIRED, {"owner": self.owner,
+                                                               "mine": self.blocks.firsts()}).fetchone()
                     if found is None:
                         self._end_zombies(connection)
                         return None
