@@ -20,6 +20,7 @@ import pytest
 from tests.conftest import assert_gap_free, daemon_env
 from tests.pg import PASSWORD
 from tests.systemd_harness import UserManager, missing_requirements
+from tests.test_checker import children, wait_gone
 from tests.test_systemd import database, rate_of, status, wait_until, write_environment
 
 pytestmark = pytest.mark.skipif(os.environ.get("INVOICER_TEST_INSTALLED") != "1",
@@ -72,9 +73,14 @@ def test_installed_unit_idles_by_default_and_invoices_submitted_orders(manager: 
     assert submitted.returncode == 0, submitted.stderr
     wait_until(lambda: " 20 stored," in status(manager)["StatusText"], what="20 stored")
     wait_until(lambda: status(manager)["StatusText"].startswith("idle: "), what="idle again")
+    # The orders were checked in the check process, under the unit's sandbox, which ends with the stop.
+    checkers = children(int(status(manager)["MainPID"]))
+    assert len(checkers) == 1
+    assert "invoicer.checker" in Path(f"/proc/{checkers[0]}/cmdline").read_text()
     manager.systemctl("stop", UNIT)
     assert status(manager)["Result"] == "success"
     assert assert_gap_free(database(manager)).count == 20
+    wait_gone(checkers[0])
 
 
 def test_installed_unit_verifies_clean() -> None:

@@ -17,14 +17,16 @@ bytes from a :class:`ByteBudget` that the writer gives back once their invoices 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, overload
 
+from invoicer.checker import CheckProcess, PackedRequests
 from invoicer.generator import InvoiceNumberGenerator
-from invoicer.orders import InvalidOrder
+from invoicer.orders import InvalidOrder, check_order
 from invoicer.processing import InvoiceRequest
 from invoicer.storage import Batch, ClaimConflictError, Row, StorageError
 
@@ -101,11 +103,17 @@ def recheck(check: Callable[..., dict[str, Any]], order_id: int, payload: bytes,
 
 
 def refusal(exc: Exception) -> str:
-    """Say why an order is refused: an InvalidOrder's message, or what went wrong in the check."""
+    """Say why an order is refused: an InvalidOrder's message, or what went wrong in the check (logged)."""
+    if not isinstance(exc, InvalidOrder):
+        log.error("the processor's check_order raised %s instead of InvalidOrder", type(exc).__name__,
+                  exc_info=exc)
+    return reason_for(exc)
+
+
+def reason_for(exc: Exception) -> str:
+    """Say in one line why an order is refused for ``exc`` (refusal(), without the log)."""
     if isinstance(exc, InvalidOrder):
         return " ".join(str(exc).split())[:2000]  # one line, whatever a plugin's message holds
-    log.error("the processor's check_order raised %s instead of InvalidOrder", type(exc).__name__,
-              exc_info=exc)
     return " ".join(f"check_order failed: {type(exc).__name__}: {exc}".split())[:2000]
 
 
@@ -208,6 +216,20 @@ class DemoSource:
         return self._generator.last_issued
 
 
+@dataclasses.dataclass
+class _Plan:
+    """A claim's read, taken in id order while it fits the room: what to check, what is refused."""
+
+    full: bool                       # the read found a whole block waiting (a backlog)
+    waiting: bool = False            # the read found any order waiting
+    candidates: list[tuple[int, bytes | str, int]] = dataclasses.field(default_factory=list)
+    rejected: list[tuple[int, str]] = dataclasses.field(default_factory=list)
+    planned: int = 0                 # the candidates' bytes
+    blocked: int = 0                 # the size of the first order that did not fit (0: none)
+    last_id: int = 0                 # the last order taken into the plan, candidate or refused
+    sent: bool = False               # the candidates are with the check process
+
+
 class OrderSource:
     """Claims waiting orders, pairing each valid one with the next number in one durable transaction.
 
@@ -242,6 +264,9 @@ class OrderSource:
         self._last_issued = high_water
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # The built-in check runs in a process of its own once the claimer thread runs (invoicer.checker).
+        self.check_process: CheckProcess | None = None
+        self._ahead: tuple[Any, _Plan] | None = None  # the next claim, its orders with the check process
         self.idle = False           # the last look found no order waiting
         self.busy_since = 0.0       # monotonic start of the claim under way (0: none)
         self.claimed_total = 0
@@ -273,6 +298,9 @@ class OrderSource:
 
     def _run(self) -> None:
         try:
+            if self._check is check_order and not __import__("os").environ.get("XNOCHK"):
+                self.check_process = CheckProcess()
+                self.check_process.start()
             while not self._stop.is_set():
                 with self._changed:  # one block claimed ahead of the one being handed out
                     self._changed.wait_for(lambda: not self._ready or self._stop.is_set())
@@ -291,6 +319,9 @@ class OrderSource:
             if self._on_fatal is None:
                 raise
             self._on_fatal("claimer", exc)
+        finally:
+            if self.check_process is not None:
+                self.check_process.close()
 
     def take(self, limit: int) -> OrderChunk | None:
         """Hand out up to ``limit`` paired orders; None if none is claimed within IDLE_POLL_S."""
@@ -329,76 +360,174 @@ class OrderSource:
 
     def _claim(self) -> OrderChunk | None:
         """Claim the next waiting orders (as many as the block and the byte budget allow)."""
+        if self._ahead is not None or self._reads_ahead():
+            return self._claim_reading_ahead()
         room = self._budget.room()
         if room <= 0:
             self._budget.wait_room(1, IDLE_POLL_S)
             return None
         try:
             with self._storage.claiming(self._block, self._max_bytes, room) as claim:
-                chunk, wanted = self._pair(claim, room)
+                plan = self._plan(claim.waiting, room)
+                valid, packed = self._checked(plan, self._verdicts(plan))
+                chunk = self._pair(claim, plan, valid, packed)
         except StorageError as exc:  # PostgreSQL: a lock wait timed out, say; the next look tries again
             if not self._storage.may_retry(exc, 1):
                 raise
             return None
-        if wanted:  # the next order does not fit yet: wait for its room (outside the claim), not a poll
-            self._budget.wait_room(wanted, ROOM_WAIT_S)
+        if plan.blocked and chunk is None:  # the next order does not fit yet: wait for its room, not a poll
+            self._budget.wait_room(plan.blocked, ROOM_WAIT_S)
         return chunk
 
-    def _pair(self, claim: Any, room: int) -> tuple[OrderChunk | None, int]:
-        """Check the orders ``claim`` read, and pair the valid ones with numbers (refuse the rest).
+    def _reads_ahead(self) -> bool:
+        """Whether claims overlap: the next block checked while this one is paired (SQLite, check process).
 
-        Returns the paired chunk (None: nothing paired) and the bytes the next order waits for (0: none).
+        A claim's read, check and pairing one after another took longer than the consumers took to
+        process the block; reading on from the last order read needs orders to be claimed in id order,
+        which only SQLite's single instance does.
         """
-        block = self._block
-        waiting = claim.waiting
-        if not waiting:
-            self.idle = True
-            return None, 0
-        self.idle = False
-        valid: list[tuple[int, dict[str, Any], int]] = []
-        rejected: list[tuple[int, str]] = []
-        taken = 0
+        return (self._storage.contiguous and self.check_process is not None
+                and not self.check_process.ended)
+
+    def _claim_reading_ahead(self) -> OrderChunk | None:
+        """Claim the block the check process has (or this read), sending it the next before the pairing."""
+        if self._ahead is None:
+            room = self._budget.room()
+            if room <= 0:
+                self._budget.wait_room(1, IDLE_POLL_S)
+                return None
+            self._ahead = self._read_and_send(room, after=0)
+            if self._ahead is None:
+                return None
+        claim, plan = self._ahead
+        self._ahead = None
+        assert self.check_process is not None
+        verdicts = self.check_process.receive(len(plan.candidates)) if plan.sent else None
+        if plan.sent and verdicts is None:  # the check process ended: check here instead
+            verdicts = self._verdicts(plan)
+        valid, packed = self._checked(plan, verdicts)
+        next_room = self._budget.room() - plan.planned
+        if plan.candidates and not plan.blocked and next_room > 0:  # the next block, checked meanwhile
+            self._ahead = self._read_and_send(next_room, after=plan.last_id, ahead=True)
+        chunk = self._pair(claim, plan, valid, packed)
+        if chunk is None and self._ahead is not None:  # rolled back, or all refused: read on from here
+            self._drop_ahead()
+        if plan.blocked and chunk is None:
+            self._budget.wait_room(plan.blocked, ROOM_WAIT_S)
+        return chunk
+
+    def _read_and_send(self, room: int, after: int, *, ahead: bool = False) -> tuple[Any, _Plan] | None:
+        """Read waiting orders after id ``after`` and send their payloads to the check process.
+
+        None if none is waiting (``idle``, unless this reads ahead of a claim still being paired).
+        """
+        with self._storage.claiming(self._block, self._max_bytes, room, after=after) as claim:
+            pass  # SQLite's claim is its read; the pairing is a transaction of its own
+        plan = self._plan(claim.waiting, room)
+        if not ahead:
+            self.idle = not claim.waiting
+        if not claim.waiting:
+            return None
+        assert self.check_process is not None
+        if plan.candidates:
+            plan.sent = self.check_process.send([payload for _, payload, _ in plan.candidates],
+                                                self._max_bytes)
+        return claim, plan
+
+    def _drop_ahead(self) -> None:
+        """Forget the block read ahead (its orders are read again), taking its verdicts off the pipe."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[1].sent:
+            assert self.check_process is not None
+            self.check_process.receive(len(ahead[1].candidates))
+
+    def _plan(self, waiting: list[tuple[int, bytes | None, int]], room: int) -> _Plan:
+        """Take the waiting orders in id order while they fit ``room``; refuse those over the size limit."""
+        plan = _Plan(full=len(waiting) == self._block)
         alone = self._budget.used == 0  # then an order larger than the room may go, by itself
-        blocked = 0
         for order_id, payload, size in waiting:
             if payload is None:  # over the size limit: refused without being read, whatever the room
-                rejected.append((order_id, f"order is {size:,} bytes, over the limit of "
-                                           f"{self._max_bytes:,} bytes"))
+                plan.rejected.append((order_id, f"order is {size:,} bytes, over the limit of "
+                                                f"{self._max_bytes:,} bytes"))
+                plan.last_id = order_id
                 continue
-            if taken + size > room and (valid or not alone):
-                blocked = size
+            if plan.planned + size > room and (plan.candidates or not alone):
+                plan.blocked = size
                 break  # the rest waits for room
+            plan.candidates.append((order_id, payload, size))
+            plan.planned += size
+            plan.last_id = order_id
+        plan.waiting = bool(waiting)
+        return plan
+
+    def _verdicts(self, plan: _Plan) -> list[Any] | None:
+        """Return the check process's verdicts on the plan's orders; None without one (checked here)."""
+        if self.check_process is None or not plan.candidates:
+            return None
+        return self.check_process.check([payload for _, payload, _ in plan.candidates], self._max_bytes)
+
+    def _checked(self, plan: _Plan, verdicts: list[Any] | None) -> tuple[list[tuple[int, Any, int]], bool]:
+        """Return the plan's valid orders (id, order, size) and refuse the rest (into ``plan.rejected``).
+
+        With the check process's ``verdicts`` the orders are marshal bytes (True); without, checked here.
+        """
+        valid: list[tuple[int, Any, int]] = []
+        if verdicts is not None:
+            for (order_id, _, size), verdict in zip(plan.candidates, verdicts, strict=True):
+                if verdict[0]:
+                    valid.append((order_id, verdict[1], size))
+                    continue
+                if verdict[2]:  # the check broke rather than refused: as refusal() logs it
+                    log.error("the processor's check_order failed for order %d: %s", order_id, verdict[1])
+                plan.rejected.append((order_id, verdict[1]))
+            return valid, True
+        check, max_bytes = self._check, self._max_bytes
+        for order_id, payload, size in plan.candidates:
             try:
-                valid.append((order_id, self._check(decode_payload(payload), max_bytes=self._max_bytes),
-                              size))
+                valid.append((order_id, check(decode_payload(payload), max_bytes=max_bytes), size))
             except Exception as exc:  # a plugin's check that breaks refuses the order
-                rejected.append((order_id, refusal(exc)))
-                continue
-            taken += size
+                plan.rejected.append((order_id, refusal(exc)))
+        return valid, False
+
+    def _pair(self, claim: Any, plan: _Plan, valid: list[tuple[int, Any, int]],
+              packed: bool) -> OrderChunk | None:
+        """Pair the valid orders with numbers and mark the refused ones, in the claim's transaction.
+
+        Returns the paired chunk (None: nothing paired, or the claim was rolled back).
+        """
+        rejected = plan.rejected
+        if not plan.waiting:
+            self.idle = True
+            return None
+        self.idle = False
         if not valid and not rejected:  # waits outside the claim (a PostgreSQL one holds row locks)
-            return None, blocked
+            return None
         try:
             first, last = claim.pair([order_id for order_id, _, _ in valid], rejected)
         except ClaimConflictError as exc:  # another program deleted a waiting order: read them again
             log.info("claim rolled back and tried again: %s", exc)
-            return None, 0
+            return None
         for order_id, reason in rejected:
             log.warning("order %d rejected before numbering: %s", order_id, reason,
                         extra={"order": order_id, "reason": reason})
         self.rejected_total += len(rejected)
-        self._adapt_block(full=len(waiting) == block)
+        self._adapt_block(full=plan.full)
         if not valid:
-            return None, 0
+            return None
         if self._storage.contiguous and first != self._reserved_last + 1:
             raise RuntimeError(f"claimed numbers {first}..{last} do not follow {self._reserved_last}; "
                                "is another writer using the database?")
         self._reserved_last = last
-        self._budget.take(taken)
+        self._budget.take(sum(size for _, _, size in valid))
         self.claimed_total += len(valid)
         numbers = range(first, last + 1)
+        sizes = [size for _, _, size in valid]
+        if packed:  # from the check process: each made into its order just before its processor call
+            return OrderChunk(numbers, PackedRequests(numbers, [order_id for order_id, _, _ in valid],
+                                                      [order for _, order, _ in valid]), sizes)
         return OrderChunk(numbers, [InvoiceRequest(number, order_id, order)
                                     for number, (order_id, order, _) in zip(numbers, valid, strict=True)],
-                          [size for _, _, size in valid]), 0
+                          sizes)
 
     def _adapt_block(self, *, full: bool) -> None:
         """Grow the block while full claims come faster than CLAIM_SECONDS; shrink when they are slow.

@@ -164,7 +164,7 @@ SELECT_WAITING = """
     FROM (SELECT id, iif(bytes <= :max, bytes, 0) AS own,
                  sum(iif(bytes <= :max, bytes, 0)) OVER (ORDER BY id ROWS UNBOUNDED PRECEDING) AS running
           FROM (SELECT id, bytes FROM orders INDEXED BY orders_waiting
-                WHERE invoice_id IS NULL AND rejected IS NULL ORDER BY id LIMIT :limit)) AS w
+                WHERE invoice_id IS NULL AND rejected IS NULL AND id > :after ORDER BY id LIMIT :limit)) AS w
     CROSS JOIN orders AS o ON o.id = w.id
     WHERE w.running - w.own < :room"""
 # Pairs the claimed orders (a JSON array of ids, in order) with consecutive numbers from the first one.
@@ -502,15 +502,16 @@ class Storage:
 
     # -- orders -------------------------------------------------------------------------------------------
 
-    def waiting_orders(self, limit: int, max_bytes: int,
-                       room: int = 1 << 62) -> list[tuple[int, bytes | None, int]]:
+    def waiting_orders(self, limit: int, max_bytes: int, room: int = 1 << 62,
+                       after: int = 0) -> list[tuple[int, bytes | None, int]]:
         """Return (id, payload, bytes) of waiting orders, oldest first (payload None: over ``max_bytes``).
 
-        At most ``limit`` orders, those that begin within ``room`` bytes. Payloads are the stored bytes
-        (UTF-8, unless a program stored something else). Read on a connection of its own, beside the
-        writer's transactions.
+        At most ``limit`` orders with ids above ``after``, those that begin within ``room`` bytes. Payloads
+        are the stored bytes (UTF-8, unless a program stored something else). Read on a connection of its
+        own, beside the writer's transactions.
         """
-        ids, sizes, joined = self._read(SELECT_WAITING, {"max": max_bytes, "limit": limit, "room": room},
+        ids, sizes, joined = self._read(SELECT_WAITING, {"max": max_bytes, "limit": limit, "room": room,
+                                                         "after": after},
                                         "reading waiting orders")[0]
         if ids is None:
             return []
@@ -539,13 +540,13 @@ class Storage:
                 raise describe_error(self.path, exc, doing) from exc
 
     @contextlib.contextmanager
-    def claiming(self, limit: int, max_bytes: int, room: int) -> Iterator[SQLiteClaim]:
-        """One claim: the waiting orders that begin within ``room`` bytes, then ``pair``.
+    def claiming(self, limit: int, max_bytes: int, room: int, after: int = 0) -> Iterator[SQLiteClaim]:
+        """One claim: the waiting orders above id ``after`` that begin within ``room`` bytes, then ``pair``.
 
         The read runs on the reading connection, outside the write transaction that pairs them, which
         finds out (ClaimConflictError) if another program deleted one meanwhile.
         """
-        yield SQLiteClaim(self, self.waiting_orders(limit, max_bytes, room))
+        yield SQLiteClaim(self, self.waiting_orders(limit, max_bytes, room, after))
 
     def claim_orders(self, order_ids: Sequence[int],
                      rejected: Sequence[tuple[int, str]]) -> tuple[int, int]:

@@ -1,0 +1,223 @@
+"""The built-in order check in a process of its own, off the interpreter lock the consumers need.
+
+Parsing and checking a claim's orders costs about as much as computing their invoices, and in the
+daemon's process both wait for the one interpreter lock. So the claimer sends each claim's payloads to
+``python -m invoicer.checker`` and waits for the answers on a pipe, while the consumers go on. Each
+answer is the checked order as ``marshal`` bytes, which the consumer turns into the order right before
+the processor call (:class:`PackedRequests`): an order made a whole claimed block ahead cost three times
+as much as one made just in time (docs/performance.md, "The orders source").
+
+Only the built-in check runs here: a plugin's ``check_order`` may rely on its module's state, so it runs
+in the daemon, as always. If the check process cannot be started or ends, the daemon says so once and
+checks in its own process from then on: slower, never different.
+
+Frames on both pipes are an 8-byte length and a ``marshal`` dump: ``(max_bytes, [payload, ...])`` in,
+``[(True, order_bytes) | (False, reason, broken), ...]`` out (``broken``: the check raised something other
+than InvalidOrder).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import marshal
+import os
+import signal
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any, overload
+
+from invoicer.processing import InvoiceRequest
+
+log = logging.getLogger("invoicer")
+
+_LENGTH = struct.Struct("<Q")
+PIPE_BYTES = 1 << 20  # the default /proc/sys/fs/pipe-max-size
+CLOSE_TIMEOUT_S = 5.0  # a check process that does not end at EOF within this is killed
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}  # a stop or reload is the daemon's to act on
+
+# One answer: (True, marshal bytes of the order) or (False, reason, broken).
+Verdict = tuple[Any, ...]
+
+
+def _write(stream: IO[bytes], value: Any) -> None:
+    data = marshal.dumps(value)
+    stream.write(_LENGTH.pack(len(data)))
+    stream.write(data)
+    stream.flush()
+
+
+def _read(stream: IO[bytes]) -> Any:
+    header = stream.read(_LENGTH.size)
+    if len(header) < _LENGTH.size:
+        raise EOFError("the pipe closed")
+    (size,) = _LENGTH.unpack(header)
+    data = stream.read(size)
+    if len(data) < size:
+        raise EOFError("the pipe closed in the middle of a frame")
+    return marshal.loads(data)  # noqa: S302  # our own frames, from the process we started
+
+
+class PackedRequests(Sequence[InvoiceRequest]):
+    """A chunk's requests with each order kept as ``marshal`` bytes until the consumer asks for it.
+
+    Indexing makes the :class:`InvoiceRequest` (a new order each time), slicing another PackedRequests.
+    """
+
+    __slots__ = ("numbers", "order_ids", "packed")
+
+    def __init__(self, numbers: range, order_ids: Sequence[int], packed: Sequence[bytes]) -> None:
+        self.numbers = numbers
+        self.order_ids = order_ids
+        self.packed = packed
+
+    def __len__(self) -> int:
+        return len(self.numbers)
+
+    @overload
+    def __getitem__(self, index: int) -> InvoiceRequest: ...
+    @overload
+    def __getitem__(self, index: slice) -> PackedRequests: ...
+
+    def __getitem__(self, index: int | slice) -> InvoiceRequest | PackedRequests:
+        if isinstance(index, slice):
+            return PackedRequests(self.numbers[index], self.order_ids[index], self.packed[index])
+        order = marshal.loads(self.packed[index])  # noqa: S302  # bytes the check process made
+        return InvoiceRequest(self.numbers[index], self.order_ids[index], order)
+
+    def __iter__(self) -> Iterator[InvoiceRequest]:
+        return (self[index] for index in range(len(self.numbers)))
+
+
+class CheckProcess:
+    """The check process, from the claimer thread's side (one claim at a time; no lock needed)."""
+
+    def __init__(self) -> None:
+        self._process: subprocess.Popen[bytes] | None = None
+        self.ended = False  # it could not be started, or it ended: the daemon checks in-process
+
+    def start(self) -> bool:
+        """Start the process; False (said once, in the log) if it cannot be started."""
+        # The package's own directory first, so that the child imports this very invoicer.
+        package_root = str(Path(__file__).resolve().parents[1])
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        # Started with the stop signals blocked (a mask survives exec), so that one sent to the whole
+        # unit before it has set them to be ignored waits, and is then dropped, instead of ending it.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            self._process = subprocess.Popen(  # our own module, with this interpreter
+                [sys.executable, "-m", "invoicer.checker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                env=env)
+        except OSError as exc:
+            self._give_up(f"it cannot be started ({exc})")
+            return False
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        # Larger pipes: fewer syscalls, each followed by a wait to win the interpreter lock back.
+        for stream in (self._process.stdin, self._process.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):  # a smaller pipe still works
+                    fcntl.fcntl(stream.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        return True
+
+    @property
+    def pid(self) -> int | None:
+        """The check process's PID, while it runs."""
+        return None if self._process is None or self.ended else self._process.pid
+
+    def check(self, payloads: Sequence[bytes | str], max_bytes: int) -> list[Verdict] | None:
+        """Return the verdicts on ``payloads``, in order; None if the process has ended (check in-process)."""
+        return self.receive(len(payloads)) if self.send(payloads, max_bytes) else None
+
+    def send(self, payloads: Sequence[bytes | str], max_bytes: int) -> bool:
+        """Send ``payloads`` to be checked (``receive`` takes the answer); False if the process has ended."""
+        process = self._process
+        if process is None or self.ended:
+            return False
+        assert process.stdin is not None
+        try:
+            _write(process.stdin, (max_bytes, list(payloads)))
+        except (OSError, ValueError) as exc:
+            self._failed(process, exc)
+            return False
+        return True
+
+    def receive(self, count: int) -> list[Verdict] | None:
+        """Return the verdicts on the ``count`` payloads last sent; None if the process has ended."""
+        process = self._process
+        if process is None or self.ended:
+            return None
+        assert process.stdout is not None
+        try:
+            verdicts: list[Verdict] = _read(process.stdout)
+        except (OSError, EOFError, ValueError) as exc:
+            self._failed(process, exc)
+            return None
+        if len(verdicts) != count:
+            self._give_up(f"it answered {len(verdicts)} verdicts for {count} orders")
+            return None
+        return verdicts
+
+    def _failed(self, process: subprocess.Popen[bytes], exc: Exception) -> None:
+        code = process.poll()
+        self._give_up(f"it ended (exit status {code})" if code is not None else f"its pipe failed ({exc})")
+
+    def _give_up(self, why: str) -> None:
+        self.ended = True
+        log.warning("the order check process is not available: %s; orders are checked in the daemon's "
+                    "own process from now on (slower, same verdicts)", why, extra={"reason": why})
+        self.close()
+
+    def close(self) -> None:
+        """End the process: EOF on its input, then a kill if it does not end within CLOSE_TIMEOUT_S."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        for stream in (process.stdin, process.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):  # a broken pipe: it has ended already
+                    stream.close()
+        try:
+            process.wait(CLOSE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def verdicts(payloads: Sequence[bytes | str], max_bytes: int) -> list[Verdict]:
+    """Check each payload with the built-in check (what the process answers for one frame)."""
+    from invoicer.intake import decode_payload, reason_for  # noqa: PLC0415  # intake imports this module
+    from invoicer.orders import InvalidOrder, check_order  # noqa: PLC0415
+
+    out: list[Verdict] = []
+    for payload in payloads:
+        try:
+            order = check_order(decode_payload(payload), max_bytes=max_bytes)
+            out.append((True, marshal.dumps(order)))
+        except Exception as exc:  # any failure refuses that order, as in the daemon
+            out.append((False, reason_for(exc), not isinstance(exc, InvalidOrder)))
+    return out
+
+
+def main() -> int:
+    """Answer frames on stdin until it closes; the daemon ends it, not systemd's stop signal."""
+    # A stop signals the whole control group; the daemon's drain may still need checks, and EOF ends us.
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by the daemon until now
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    try:
+        while True:
+            max_bytes, payloads = _read(stdin)
+            _write(stdout, verdicts(payloads, max_bytes))
+    except (EOFError, BrokenPipeError):  # the daemon closed its end: it has stopped, or stops
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""The built-in check in a process of its own: same verdicts, claims read ahead, and what if it ends."""
+
+from __future__ import annotations
+
+import json
+import logging
+import marshal
+import os
+import signal
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from invoicer.checker import CheckProcess, PackedRequests, verdicts
+from invoicer.intake import ByteBudget, OrderChunk, OrderSource, decode_payload, reason_for
+from invoicer.orders import DEFAULT_MAX_ORDER_BYTES, check_order, demo_order
+from invoicer.storage import Storage, submit_orders
+from tests.conftest import Daemon
+from tests.test_orders_daemon import ORDERS, assert_one_invoice_per_order
+
+LIMIT = DEFAULT_MAX_ORDER_BYTES
+StartDaemon = Callable[..., Daemon]
+
+BAD = [
+    b"{not json",
+    b'{"customer": "A", "currency": "EUR", "lines": []}',
+    b'{"customer": "A", "currency": "eur", "lines": [{"description": "x", "quantity": 1, '
+    b'"unit_price": "1.00", "tax_rate": "0.19"}]}',
+    b"\xff\xfe not UTF-8",
+    b'{"customer": "A\x00B", "currency": "EUR"}',
+    b"[1, 2]",
+    b"{" * 40 + b"}" * 40,
+]
+
+
+def payload(index: int) -> str:
+    return json.dumps({**demo_order(index), "reference": f"PO-{index}"})
+
+
+def in_process(raw: bytes | str, max_bytes: int = LIMIT) -> tuple[bool, object]:
+    """What the daemon's own check says: (True, order) or (False, reason)."""
+    try:
+        return True, check_order(decode_payload(raw), max_bytes=max_bytes)
+    except Exception as exc:  # the verdict on any failure is what is compared
+        return False, reason_for(exc)
+
+
+@pytest.fixture
+def process() -> Iterator[CheckProcess]:
+    started = CheckProcess()
+    assert started.start()
+    yield started
+    started.close()
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> Iterator[Storage]:
+    store = Storage(tmp_path / "orders.db", synchronous="OFF")
+    store.open()
+    yield store
+    store.close()
+
+
+def submit(database: Path, payloads: list[str | bytes]) -> list[int]:
+    with sqlite3.connect(database) as connection:
+        ids = [connection.execute("INSERT INTO orders (payload) VALUES (?)", (text,)).lastrowid or 0
+               for text in payloads]
+    connection.close()
+    return ids
+
+
+def paired(database: Path) -> list[tuple[int, int]]:
+    """(number, order id) of every paired order, by number, read by another connection."""
+    with sqlite3.connect(database) as connection:
+        found = connection.execute("SELECT invoice_id, id FROM orders WHERE invoice_id IS NOT NULL "
+                                   "ORDER BY invoice_id").fetchall()
+    connection.close()
+    return found
+
+
+def claim_all(orders: OrderSource, limit: int = 10_000) -> list[OrderChunk]:
+    """Take chunks until no order is waiting (inline claims, as the claimer thread makes them)."""
+    chunks: list[OrderChunk] = []
+    for _ in range(limit):
+        chunk = orders.take(limit)
+        if chunk is None:
+            if orders.idle and orders._ahead is None:  # nothing read ahead either
+                return chunks
+            continue
+        chunks.append(chunk)
+    raise AssertionError("claims did not end")
+
+
+def test_the_check_process_gives_the_daemons_verdicts(process: CheckProcess) -> None:
+    """Valid orders come back as the same order, bad ones with the same one-line reason."""
+    payloads: list[bytes | str] = [payload(1), payload(2).encode(), *BAD, payload(3)]
+    answers = process.check(payloads, LIMIT)
+    assert answers is not None
+    for raw, answer in zip(payloads, answers, strict=True):
+        ok, expected = in_process(raw)
+        assert answer[0] is ok
+        if ok:
+            assert marshal.loads(answer[1]) == expected  # noqa: S302  # bytes the test's process made
+        else:
+            assert answer[1] == expected
+            assert answer[2] is False  # refused, not a broken check
+    small = process.check([payload(4)], 100)
+    assert small is not None
+    assert small[0][:2] == in_process(payload(4), 100)
+
+
+def test_verdicts_say_when_the_check_itself_broke(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(text: str, *, max_bytes: int) -> dict[str, object]:
+        raise KeyError("tax_id")
+
+    monkeypatch.setattr("invoicer.orders.check_order", broken)
+    assert verdicts([payload(1)], LIMIT) == [(False, "check_order failed: KeyError: 'tax_id'", True)]
+
+
+def test_packed_requests_make_a_new_order_for_each_request() -> None:
+    orders = [check_order(payload(n), max_bytes=LIMIT) for n in range(3)]
+    requests = PackedRequests(range(7, 10), [11, 12, 13], [marshal.dumps(order) for order in orders])
+    assert [(r.number, r.order_id, r.order) for r in requests] == [
+        (7, 11, orders[0]), (8, 12, orders[1]), (9, 13, orders[2])]
+    assert requests[1].order is not requests[1].order
+    tail = requests[1:]
+    assert isinstance(tail, PackedRequests)
+    assert [r.number for r in tail] == [8, 9]
+    assert len(tail) == 2
+
+
+def test_claims_through_the_check_process_read_ahead_and_keep_submission_order(
+        storage: Storage, process: CheckProcess) -> None:
+    """Numbers follow submission order; refused orders take none; the next block is read while pairing."""
+    texts: list[str | bytes] = [payload(n) for n in range(500)]
+    for position, bad in zip(range(7, 500, 37), BAD * 3, strict=False):
+        texts[position] = bad
+    ids = submit(storage.path, texts)
+    orders = OrderSource(storage, 0, ByteBudget(1 << 30), check_order, max_order_bytes=LIMIT)
+    orders.check_process = process
+    reads_ahead = []
+    read_and_send = orders._read_and_send
+
+    def spy(room: int, after: int, *, ahead: bool = False) -> object:
+        reads_ahead.append(ahead and after > 0)
+        return read_and_send(room, after, ahead=ahead)
+
+    orders._read_and_send = spy  # type: ignore[method-assign,assignment]
+    chunks = claim_all(orders)
+    valid = [order_id for order_id, text in zip(ids, texts, strict=True) if in_process(text)[0]]
+    assert len(valid) == 500 - len(range(7, 500, 37))
+    assert paired(storage.path) == list(zip(range(1, len(valid) + 1), valid, strict=True))
+    assert any(reads_ahead)
+    requests = [request for chunk in chunks for request in chunk.requests]
+    assert [r.order_id for r in requests] == valid
+    assert all(r.order == in_process(texts[ids.index(r.order_id or 0)])[1] for r in requests)
+    assert all(isinstance(chunk.requests, PackedRequests) for chunk in chunks)
+    assert [reason for _, _, reason in storage.rejected_orders()] == [
+        in_process(texts[position])[1] for position in range(7, 500, 37)]
+
+
+@pytest.mark.parametrize("which", ["read ahead", "being paired"])
+def test_an_order_deleted_while_its_block_is_read_ahead_keeps_submission_order(
+        storage: Storage, process: CheckProcess, which: str) -> None:
+    """Another program deletes a waiting order of the block read ahead, or of the one being paired."""
+    ids = submit(storage.path, [payload(n) for n in range(400)])
+    orders = OrderSource(storage, 0, ByteBudget(1 << 30), check_order, max_order_bytes=LIMIT)
+    orders.check_process = process
+    first = orders.take(10_000)
+    assert first is not None
+    assert orders._ahead is not None  # the next block went to the check process
+    _, plan = orders._ahead
+    victim = plan.candidates[3][0]
+    if which == "being paired":  # the next take pairs the block read ahead, and reads on meanwhile
+        original = orders._read_and_send
+
+        def delete_then_read(room: int, after: int, *, ahead: bool = False) -> object:
+            with sqlite3.connect(storage.path) as connection:
+                connection.execute("DELETE FROM orders WHERE id = ?", (victim,))
+            connection.close()
+            orders._read_and_send = original  # type: ignore[method-assign]
+            return original(room, after, ahead=ahead)
+
+        orders._read_and_send = delete_then_read  # type: ignore[method-assign,assignment]
+    else:
+        with sqlite3.connect(storage.path) as connection:
+            connection.execute("DELETE FROM orders WHERE id = ?", (victim,))
+        connection.close()
+    claim_all(orders)
+    left = [order_id for order_id in ids if order_id != victim]
+    assert paired(storage.path) == list(zip(range(1, len(left) + 1), left, strict=True))
+
+
+def test_a_killed_check_process_leaves_the_checks_to_the_daemon(
+        storage: Storage, process: CheckProcess, caplog: pytest.LogCaptureFixture) -> None:
+    ids = submit(storage.path, [payload(n) for n in range(300)] + [b"{not json"] + [payload(300)])
+    orders = OrderSource(storage, 0, ByteBudget(1 << 30), check_order, max_order_bytes=LIMIT)
+    orders.check_process = process
+    assert orders.take(64) is not None
+    assert process.pid is not None
+    os.kill(process.pid, signal.SIGKILL)
+    with caplog.at_level(logging.WARNING, logger="invoicer"):
+        claim_all(orders)
+    assert process.ended
+    assert "the order check process is not available: it ended" in caplog.text
+    valid = ids[:300] + ids[301:]
+    assert paired(storage.path) == list(zip(range(1, 302), valid, strict=True))
+    assert storage.rejected_orders()[0][0] == ids[300]
+
+
+def test_the_check_process_outlives_a_stop_signal_and_ends_at_eof(process: CheckProcess) -> None:
+    """A stop signals the whole control group (systemd): the check process answers until EOF."""
+    pid = process.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGTERM)
+    os.kill(pid, signal.SIGINT)
+    answers = process.check([payload(1)], LIMIT)
+    assert answers is not None
+    assert answers[0][0] is True
+    popen = process._process
+    assert popen is not None
+    process.close()
+    assert popen.returncode == 0
+
+
+def children(pid: int) -> list[int]:
+    """PIDs of the processes whose parent is ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def checker_of(daemon: Daemon, timeout: float = 30.0) -> list[int]:
+    """The daemon's one child, its check process, once the claimer thread has started it."""
+    deadline = time.monotonic() + timeout
+    while not (found := children(daemon.process.pid)):
+        assert time.monotonic() < deadline, "no check process"
+        time.sleep(0.05)  # polling /proc: the start of a grandchild gives no event to wait on
+    assert len(found) == 1
+    return found
+
+
+def wait_gone(pid: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists():
+        if Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z":
+            return  # a zombie: ended, waiting for its parent
+        assert time.monotonic() < deadline, f"process {pid} is still there"
+        time.sleep(0.05)  # polling /proc: a process we did not start gives no event to wait on
+
+
+def test_a_daemon_whose_check_process_is_killed_invoices_every_order_once(
+        tmp_path: Path, start_daemon: StartDaemon) -> None:
+    database = tmp_path / "checker.db"
+    total = 30_000
+    submit_orders(database, [payload(n) for n in range(total)])
+    daemon = start_daemon(database, INVOICER_WORKERS="4", INVOICER_PROCESSING_DELAY_MS="0", **ORDERS)
+    daemon.wait_stored(1)
+    checkers = checker_of(daemon)
+    os.kill(checkers[0], signal.SIGKILL)
+    daemon.wait_stored(total, timeout=120)
+    daemon.signal()
+    code, log = daemon.wait()
+    assert code == 0, log
+    assert "the order check process is not available" in log
+    assert len(assert_one_invoice_per_order(database)) == total
+
+
+def test_a_stop_signal_to_the_whole_group_drains_and_ends_the_check_process(
+        tmp_path: Path, start_daemon: StartDaemon) -> None:
+    """As systemd stops a unit: SIGTERM to every process of it; SIGKILL to the daemon leaves none behind."""
+    database = tmp_path / "group.db"
+    total = 30_000
+    submit_orders(database, [payload(n) for n in range(total)])
+    daemon = start_daemon(database, prefix=("setsid",), INVOICER_WORKERS="4",
+                          INVOICER_PROCESSING_DELAY_MS="0", **ORDERS)
+    daemon.wait_stored(500)
+    checkers = checker_of(daemon)
+    os.killpg(daemon.process.pid, signal.SIGTERM)
+    code, log = daemon.wait()
+    assert code == 0, log
+    assert "the order check process is not available" not in log
+    wait_gone(checkers[0])
+    daemon = start_daemon(database, INVOICER_PROCESSING_DELAY_MS="0", **ORDERS)
+    daemon.wait_stored(2_000)
+    checkers = checker_of(daemon)
+    daemon.process.send_signal(signal.SIGKILL)
+    daemon.process.wait(30)
+    wait_gone(checkers[0])  # its input closed with the daemon
+    daemon = start_daemon(database, INVOICER_PROCESSING_DELAY_MS="0", **ORDERS)
+    daemon.wait_stored(total, timeout=120)
+    daemon.signal()
+    assert daemon.wait()[0] == 0
+    assert len(assert_one_invoice_per_order(database)) == total
