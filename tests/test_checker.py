@@ -106,7 +106,7 @@ def test_the_check_process_gives_the_daemons_verdicts(process: CheckProcess) -> 
             assert marshal.loads(answer[1]) == expected  # noqa: S302  # bytes the test's process made
         else:
             assert answer[1] == expected
-            assert answer[2] is False  # refused, not a broken check
+            assert answer[2] == ""  # refused, not a broken check
     small = process.check([payload(4)], 100)
     assert small is not None
     assert small[0][:2] == in_process(payload(4), 100)
@@ -117,7 +117,10 @@ def test_verdicts_say_when_the_check_itself_broke(monkeypatch: pytest.MonkeyPatc
         raise KeyError("tax_id")
 
     monkeypatch.setattr("invoicer.orders.check_order", broken)
-    assert verdicts([payload(1)], LIMIT) == [(False, "check_order failed: KeyError: 'tax_id'", True)]
+    (answer,) = verdicts([payload(1)], LIMIT)
+    assert answer[:2] == (False, "check_order failed: KeyError: 'tax_id'")
+    assert answer[2].startswith("Traceback")
+    assert "KeyError: 'tax_id'" in answer[2]
 
 
 def test_packed_requests_make_a_new_order_for_each_request() -> None:
@@ -302,3 +305,64 @@ def test_a_stop_signal_to_the_whole_group_drains_and_ends_the_check_process(
     daemon.signal()
     assert daemon.wait()[0] == 0
     assert len(assert_one_invoice_per_order(database)) == total
+
+
+def test_a_block_read_ahead_keeps_within_the_byte_budget(storage: Storage, process: CheckProcess) -> None:
+    """The block being paired is in flight too: an order larger than what is left waits for room."""
+    small = [payload(n) for n in range(64)]
+    large = json.dumps({**demo_order(1), "lines": [{"description": "x" * 400, "quantity": 1,
+                                                     "unit_price": "1.00", "tax_rate": "0.19"}] * 200})
+    submit(storage.path, [*small, large, *(payload(n) for n in range(10))])
+    capacity = sum(len(text) for text in small) + 1000
+    assert len(large) > 1000
+    budget = ByteBudget(capacity)
+    orders = OrderSource(storage, 0, budget, check_order, max_order_bytes=LIMIT)
+    orders.check_process = process
+    first = orders.take(10_000)
+    assert first is not None
+    assert len(first) == 64
+    assert orders.take(10_000) is None  # the large one waits: 64 orders are still in flight
+    assert budget.used <= capacity
+    sizes = []
+    while len(paired(storage.path)) < 75:
+        budget.give_back(budget.used)  # the invoices of what was taken are committed
+        chunk = orders.take(10_000)
+        if chunk is not None:
+            sizes.append(len(chunk))
+            assert budget.used <= capacity or len(chunk) == 1  # only an order alone goes past the room
+    assert sizes[0] == 1  # the large one, by itself, once nothing else was in flight
+
+
+def test_a_check_process_that_stops_answering_is_killed_and_the_daemon_checks(
+        storage: Storage, process: CheckProcess, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr("invoicer.checker.ANSWER_S", 0.5)
+    ids = submit(storage.path, [payload(n) for n in range(200)])
+    orders = OrderSource(storage, 0, ByteBudget(1 << 30), check_order, max_order_bytes=LIMIT)
+    orders.check_process = process
+    pid = process.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    with caplog.at_level(logging.WARNING, logger="invoicer"):
+        claim_all(orders)
+    assert f"the order check process is not available: it has not answered for 1s (pid {pid}, killed)" \
+        in caplog.text
+    wait_gone(pid)
+    assert paired(storage.path) == list(zip(range(1, 201), ids, strict=True))
+
+
+def test_the_check_process_imports_this_invoicer_whatever_the_working_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A json.py (or an invoicer/) where the daemon was started is not what the check process imports."""
+    (tmp_path / "json.py").write_text("print('garbage on stdout')\nraise SystemExit(3)\n")
+    (tmp_path / "invoicer").mkdir()
+    (tmp_path / "invoicer" / "__init__.py").write_text("raise SystemExit(4)\n")
+    monkeypatch.chdir(tmp_path)
+    started = CheckProcess()
+    assert started.start()
+    try:
+        answers = started.check([payload(1), b"{not json"], LIMIT)
+    finally:
+        started.close()
+    assert answers is not None
+    assert [answer[0] for answer in answers] == [True, False]

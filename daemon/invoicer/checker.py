@@ -12,21 +12,25 @@ in the daemon, as always. If the check process cannot be started or ends, the da
 checks in its own process from then on: slower, never different.
 
 Frames on both pipes are an 8-byte length and a ``marshal`` dump: ``(max_bytes, [payload, ...])`` in,
-``[(True, order_bytes) | (False, reason, broken), ...]`` out (``broken``: the check raised something other
-than InvalidOrder).
+``[(True, order_bytes) | (False, reason, traceback), ...]`` out (``traceback``: empty, unless the check
+raised something other than InvalidOrder).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import logging
 import marshal
 import os
+import select
 import signal
 import struct
 import subprocess
 import sys
+import time
+import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, overload
@@ -38,9 +42,12 @@ log = logging.getLogger("invoicer")
 _LENGTH = struct.Struct("<Q")
 PIPE_BYTES = 1 << 20  # the default /proc/sys/fs/pipe-max-size
 CLOSE_TIMEOUT_S = 5.0  # a check process that does not end at EOF within this is killed
+ANSWER_S = 5.0  # ... nor answers within this (and a second per 4 MiB sent): below the 10 s stall report
+MAX_FRAME = 2 << 30  # a longer length is a garbled frame (claims are capped at 512 MiB of payloads)
+PR_SET_PDEATHSIG = 1  # prctl(2)
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}  # a stop or reload is the daemon's to act on
 
-# One answer: (True, marshal bytes of the order) or (False, reason, broken).
+# One answer: (True, marshal bytes of the order) or (False, reason, traceback of a broken check or '').
 Verdict = tuple[Any, ...]
 
 
@@ -49,6 +56,29 @@ def _write(stream: IO[bytes], value: Any) -> None:
     stream.write(_LENGTH.pack(len(data)))
     stream.write(data)
     stream.flush()
+
+
+def _read_within(fd: int, deadline: float) -> Any:
+    """Read one frame from ``fd`` by ``deadline`` (TimeoutError); each wait is off the interpreter lock."""
+    (size,) = _LENGTH.unpack(_read_exactly(fd, _LENGTH.size, deadline))
+    if size > MAX_FRAME:
+        raise ValueError(f"a frame of {size:,} bytes")
+    return marshal.loads(_read_exactly(fd, size, deadline))  # noqa: S302  # from the process we started
+
+
+def _read_exactly(fd: int, size: int, deadline: float) -> bytes:
+    parts = []
+    left = size
+    while left:
+        wait = deadline - time.monotonic()
+        if wait <= 0 or not select.select([fd], [], [], wait)[0]:
+            raise TimeoutError
+        part = os.read(fd, min(left, PIPE_BYTES))
+        if not part:
+            raise EOFError("the pipe closed")
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
 
 
 def _read(stream: IO[bytes]) -> Any:
@@ -102,17 +132,20 @@ class CheckProcess:
 
     def start(self) -> bool:
         """Start the process; False (said once, in the log) if it cannot be started."""
-        # The package's own directory first, so that the child imports this very invoicer.
+        # -P: not the working directory first (a json.py there would be imported). This very invoicer:
+        # its directory is added only where the daemon did not find it on the usual path (sys.path[0]
+        # is the daemon's own start directory), so the standard library keeps coming first.
         package_root = str(Path(__file__).resolve().parents[1])
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        if package_root not in sys.path[1:]:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
         # Started with the stop signals blocked (a mask survives exec), so that one sent to the whole
         # unit before it has set them to be ignored waits, and is then dropped, instead of ending it.
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             self._process = subprocess.Popen(  # our own module, with this interpreter
-                [sys.executable, "-m", "invoicer.checker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                env=env)
+                [sys.executable, "-P", "-m", "invoicer.checker", str(os.getpid())], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, env=env)
         except OSError as exc:
             self._give_up(f"it cannot be started ({exc})")
             return False
@@ -132,7 +165,9 @@ class CheckProcess:
 
     def check(self, payloads: Sequence[bytes | str], max_bytes: int) -> list[Verdict] | None:
         """Return the verdicts on ``payloads``, in order; None if the process has ended (check in-process)."""
-        return self.receive(len(payloads)) if self.send(payloads, max_bytes) else None
+        if not self.send(payloads, max_bytes):
+            return None
+        return self.receive(len(payloads), sum(len(payload) for payload in payloads))
 
     def send(self, payloads: Sequence[bytes | str], max_bytes: int) -> bool:
         """Send ``payloads`` to be checked (``receive`` takes the answer); False if the process has ended."""
@@ -147,15 +182,23 @@ class CheckProcess:
             return False
         return True
 
-    def receive(self, count: int) -> list[Verdict] | None:
-        """Return the verdicts on the ``count`` payloads last sent; None if the process has ended."""
+    def receive(self, count: int, sent_bytes: int = 0) -> list[Verdict] | None:
+        """Return the verdicts on the ``count`` payloads last sent; None if the process has ended.
+
+        A process that has not answered within ANSWER_S (plus a second per 4 MiB sent) is killed: hung.
+        """
         process = self._process
         if process is None or self.ended:
             return None
         assert process.stdout is not None
+        deadline = time.monotonic() + ANSWER_S + sent_bytes / (4 << 20)
         try:
-            verdicts: list[Verdict] = _read(process.stdout)
-        except (OSError, EOFError, ValueError) as exc:
+            verdicts: list[Verdict] = _read_within(process.stdout.fileno(), deadline)
+        except TimeoutError:
+            self._give_up(f"it has not answered for {ANSWER_S + sent_bytes / (4 << 20):.0f}s (pid "
+                          f"{process.pid}, killed)", kill=True)
+            return None
+        except Exception as exc:  # a broken pipe, EOF, a garbled frame: the same, it cannot be used
             self._failed(process, exc)
             return None
         if len(verdicts) != count:
@@ -167,8 +210,10 @@ class CheckProcess:
         code = process.poll()
         self._give_up(f"it ended (exit status {code})" if code is not None else f"its pipe failed ({exc})")
 
-    def _give_up(self, why: str) -> None:
+    def _give_up(self, why: str, *, kill: bool = False) -> None:
         self.ended = True
+        if kill and self._process is not None:
+            self._process.kill()
         log.warning("the order check process is not available: %s; orders are checked in the daemon's "
                     "own process from now on (slower, same verdicts)", why, extra={"reason": why})
         self.close()
@@ -200,7 +245,8 @@ def verdicts(payloads: Sequence[bytes | str], max_bytes: int) -> list[Verdict]:
             order = check_order(decode_payload(payload), max_bytes=max_bytes)
             out.append((True, marshal.dumps(order)))
         except Exception as exc:  # any failure refuses that order, as in the daemon
-            out.append((False, reason_for(exc), not isinstance(exc, InvalidOrder)))
+            broken = "" if isinstance(exc, InvalidOrder) else traceback.format_exc()
+            out.append((False, reason_for(exc), broken))
     return out
 
 
@@ -210,7 +256,15 @@ def main() -> int:
     for number in STOP_SIGNALS:
         signal.signal(number, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by the daemon until now
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    # Ended with the daemon even if it is hung itself (EOF only reaches a process that reads).
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if len(sys.argv) > 1 and os.getppid() != int(sys.argv[1]):
+        return 0  # the daemon ended before the line above
+    # Frames go to the pipe that was stdout; anything printed goes to stderr (the journal) instead.
+    stdin, stdout = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     try:
         while True:
             max_bytes, payloads = _read(stdin)

@@ -298,7 +298,7 @@ class OrderSource:
 
     def _run(self) -> None:
         try:
-            if self._check is check_order and not __import__("os").environ.get("XNOCHK"):
+            if self._check is check_order:
                 self.check_process = CheckProcess()
                 self.check_process.start()
             while not self._stop.is_set():
@@ -368,7 +368,7 @@ class OrderSource:
             return None
         try:
             with self._storage.claiming(self._block, self._max_bytes, room) as claim:
-                plan = self._plan(claim.waiting, room)
+                plan = self._plan(claim.waiting, room, alone=self._budget.used == 0)
                 valid, packed = self._checked(plan, self._verdicts(plan))
                 chunk = self._pair(claim, plan, valid, packed)
         except StorageError as exc:  # PostgreSQL: a lock wait timed out, say; the next look tries again
@@ -402,7 +402,7 @@ class OrderSource:
         claim, plan = self._ahead
         self._ahead = None
         assert self.check_process is not None
-        verdicts = self.check_process.receive(len(plan.candidates)) if plan.sent else None
+        verdicts = self.check_process.receive(len(plan.candidates), plan.planned) if plan.sent else None
         if plan.sent and verdicts is None:  # the check process ended: check here instead
             verdicts = self._verdicts(plan)
         valid, packed = self._checked(plan, verdicts)
@@ -423,7 +423,8 @@ class OrderSource:
         """
         with self._storage.claiming(self._block, self._max_bytes, room, after=after) as claim:
             pass  # SQLite's claim is its read; the pairing is a transaction of its own
-        plan = self._plan(claim.waiting, room)
+        # Read ahead, the block being paired is in flight too: none of these may go alone past the room.
+        plan = self._plan(claim.waiting, room, alone=not ahead and self._budget.used == 0)
         if not ahead:
             self.idle = not claim.waiting
         if not claim.waiting:
@@ -439,12 +440,14 @@ class OrderSource:
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[1].sent:
             assert self.check_process is not None
-            self.check_process.receive(len(ahead[1].candidates))
+            self.check_process.receive(len(ahead[1].candidates), ahead[1].planned)
 
-    def _plan(self, waiting: list[tuple[int, bytes | None, int]], room: int) -> _Plan:
-        """Take the waiting orders in id order while they fit ``room``; refuse those over the size limit."""
+    def _plan(self, waiting: list[tuple[int, bytes | None, int]], room: int, *, alone: bool) -> _Plan:
+        """Take the waiting orders in id order while they fit ``room``; refuse those over the size limit.
+
+        ``alone``: nothing is in flight, so a first order larger than the room may go, by itself.
+        """
         plan = _Plan(full=len(waiting) == self._block)
-        alone = self._budget.used == 0  # then an order larger than the room may go, by itself
         for order_id, payload, size in waiting:
             if payload is None:  # over the size limit: refused without being read, whatever the room
                 plan.rejected.append((order_id, f"order is {size:,} bytes, over the limit of "
@@ -477,8 +480,9 @@ class OrderSource:
                 if verdict[0]:
                     valid.append((order_id, verdict[1], size))
                     continue
-                if verdict[2]:  # the check broke rather than refused: as refusal() logs it
-                    log.error("the processor's check_order failed for order %d: %s", order_id, verdict[1])
+                if verdict[2]:  # the check broke rather than refused: logged with its traceback, as refusal()
+                    log.error("the built-in check_order raised instead of refusing order %d: %s\n%s",
+                              order_id, verdict[1], verdict[2].rstrip())
                 plan.rejected.append((order_id, verdict[1]))
             return valid, True
         check, max_bytes = self._check, self._max_bytes
