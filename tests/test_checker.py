@@ -6,6 +6,7 @@ import json
 import logging
 import marshal
 import os
+import re
 import signal
 import sqlite3
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from invoicer.checker import CheckProcess, PackedRequests, verdicts
+from invoicer.checker import CLOSE_TIMEOUT_S, CheckProcess, PackedRequests, verdicts
 from invoicer.intake import ByteBudget, OrderChunk, OrderSource, decode_payload, reason_for
 from invoicer.orders import DEFAULT_MAX_ORDER_BYTES, check_order, demo_order
 from invoicer.storage import Storage, submit_orders
@@ -336,25 +337,35 @@ def test_a_block_read_ahead_keeps_within_the_byte_budget(storage: Storage, proce
 def test_a_check_process_that_stops_answering_is_killed_and_the_daemon_checks(
         storage: Storage, process: CheckProcess, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
+    """Stopped (SIGSTOP), it takes nothing more: a claim larger than the pipe must not wait for it forever."""
     monkeypatch.setattr("invoicer.checker.ANSWER_S", 0.5)
-    ids = submit(storage.path, [payload(n) for n in range(200)])
+    total = 4_000  # 1.4 MB of payloads in the first claims: more than the pipe holds
+    ids = submit(storage.path, [payload(n) for n in range(total)])
     orders = OrderSource(storage, 0, ByteBudget(1 << 30), check_order, max_order_bytes=LIMIT)
+    orders._block = 4096  # a claim as large as a backlog's
     orders.check_process = process
     pid = process.pid
     assert pid is not None
     os.kill(pid, signal.SIGSTOP)
+    started = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="invoicer"):
         claim_all(orders)
-    assert f"the order check process is not available: it has not answered for 1s (pid {pid}, killed)" \
-        in caplog.text
+    assert time.monotonic() - started < CLOSE_TIMEOUT_S  # killed at the deadline, not waited for
+    assert re.search(rf"the order check process is not available: it has not taken a claim's orders for "
+                     rf"[0-9.]+s \(pid {pid}, killed\)", caplog.text)
     wait_gone(pid)
-    assert paired(storage.path) == list(zip(range(1, 201), ids, strict=True))
+    assert paired(storage.path) == list(zip(range(1, total + 1), ids, strict=True))
 
 
 def test_the_check_process_imports_this_invoicer_whatever_the_working_directory(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A json.py (or an invoicer/) where the daemon was started is not what the check process imports."""
     (tmp_path / "json.py").write_text("print('garbage on stdout')\nraise SystemExit(3)\n")
+    # What the process prints, at import or later, goes to stderr, never among the answers.
+    (tmp_path / "sitecustomize.py").write_text("import os\nos.write(1, b'junk from sitecustomize')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "site"))
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text("import os\nos.write(1, b'\\xff' * 64)\n")
     (tmp_path / "invoicer").mkdir()
     (tmp_path / "invoicer" / "__init__.py").write_text("raise SystemExit(4)\n")
     monkeypatch.chdir(tmp_path)

@@ -42,7 +42,7 @@ log = logging.getLogger("invoicer")
 _LENGTH = struct.Struct("<Q")
 PIPE_BYTES = 1 << 20  # the default /proc/sys/fs/pipe-max-size
 CLOSE_TIMEOUT_S = 5.0  # a check process that does not end at EOF within this is killed
-ANSWER_S = 5.0  # ... nor answers within this (and a second per 4 MiB sent): below the 10 s stall report
+ANSWER_S = 5.0  # ... nor takes or answers a claim within this, and a second per 4 MiB of its orders
 MAX_FRAME = 2 << 30  # a longer length is a garbled frame (claims are capped at 512 MiB of payloads)
 PR_SET_PDEATHSIG = 1  # prctl(2)
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}  # a stop or reload is the daemon's to act on
@@ -66,19 +66,37 @@ def _read_within(fd: int, deadline: float) -> Any:
     return marshal.loads(_read_exactly(fd, size, deadline))  # noqa: S302  # from the process we started
 
 
+def _wait(fd: int, event: int, deadline: float) -> None:
+    """Wait until ``fd`` is ready for ``event`` (select.POLLIN/POLLOUT); TimeoutError at ``deadline``."""
+    poller = select.poll()
+    poller.register(fd, event)
+    wait = deadline - time.monotonic()
+    if wait <= 0 or not poller.poll(wait * 1000):
+        raise TimeoutError
+
+
 def _read_exactly(fd: int, size: int, deadline: float) -> bytes:
     parts = []
     left = size
     while left:
-        wait = deadline - time.monotonic()
-        if wait <= 0 or not select.select([fd], [], [], wait)[0]:
-            raise TimeoutError
+        _wait(fd, select.POLLIN, deadline)
         part = os.read(fd, min(left, PIPE_BYTES))
         if not part:
             raise EOFError("the pipe closed")
         parts.append(part)
         left -= len(part)
     return b"".join(parts)
+
+
+def _write_within(fd: int, value: Any, deadline: float) -> None:
+    """Write one frame to the non-blocking ``fd`` by ``deadline`` (TimeoutError), whatever the reader does."""
+    data = marshal.dumps(value)
+    view = memoryview(_LENGTH.pack(len(data)) + data)
+    done = 0
+    while done < len(view):
+        _wait(fd, select.POLLOUT, deadline)
+        with contextlib.suppress(BlockingIOError):
+            done += os.write(fd, view[done:done + PIPE_BYTES])
 
 
 def _read(stream: IO[bytes]) -> Any:
@@ -124,10 +142,14 @@ class PackedRequests(Sequence[InvoiceRequest]):
 
 
 class CheckProcess:
-    """The check process, from the claimer thread's side (one claim at a time; no lock needed)."""
+    """The check process, from the claimer thread's side (one claim at a time; no lock needed).
+
+    Start it on the thread that uses it: it is killed when that thread ends (PR_SET_PDEATHSIG).
+    """
 
     def __init__(self) -> None:
         self._process: subprocess.Popen[bytes] | None = None
+        self._answers: int | None = None  # the read end of the pipe the answers come on
         self.ended = False  # it could not be started, or it ended: the daemon checks in-process
 
     def start(self) -> bool:
@@ -135,27 +157,33 @@ class CheckProcess:
         # -P: not the working directory first (a json.py there would be imported). This very invoicer:
         # its directory is added only where the daemon did not find it on the usual path (sys.path[0]
         # is the daemon's own start directory), so the standard library keeps coming first.
-        package_root = str(Path(__file__).resolve().parents[1])
+        package_root = Path(__file__).resolve().parents[1]
         env = dict(os.environ)
-        if package_root not in sys.path[1:]:
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        if package_root not in {Path(entry).resolve() for entry in sys.path[1:] if entry}:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(package_root), env.get("PYTHONPATH")]))
+        # Answers come on a pipe of their own: whatever the process prints goes to stderr, the journal.
+        answers, answers_out = os.pipe()
         # Started with the stop signals blocked (a mask survives exec), so that one sent to the whole
         # unit before it has set them to be ignored waits, and is then dropped, instead of ending it.
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             self._process = subprocess.Popen(  # our own module, with this interpreter
-                [sys.executable, "-P", "-m", "invoicer.checker", str(os.getpid())], stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE, env=env)
+                [sys.executable, "-P", "-m", "invoicer.checker", str(os.getpid()), str(answers_out)],
+                stdin=subprocess.PIPE, stdout=2, pass_fds=(answers_out,), env=env)
         except OSError as exc:
+            os.close(answers)
             self._give_up(f"it cannot be started ({exc})")
             return False
         finally:
+            os.close(answers_out)
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        self._answers = answers
+        assert self._process.stdin is not None
+        os.set_blocking(self._process.stdin.fileno(), False)  # sends wait in poll(), with a deadline
         # Larger pipes: fewer syscalls, each followed by a wait to win the interpreter lock back.
-        for stream in (self._process.stdin, self._process.stdout):
-            if stream is not None:
-                with contextlib.suppress(OSError):  # a smaller pipe still works
-                    fcntl.fcntl(stream.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        for fd in (self._process.stdin.fileno(), answers):
+            with contextlib.suppress(OSError):  # a smaller pipe still works
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         return True
 
     @property
@@ -170,14 +198,22 @@ class CheckProcess:
         return self.receive(len(payloads), sum(len(payload) for payload in payloads))
 
     def send(self, payloads: Sequence[bytes | str], max_bytes: int) -> bool:
-        """Send ``payloads`` to be checked (``receive`` takes the answer); False if the process has ended."""
+        """Send ``payloads`` to be checked (``receive`` takes the answer); False if the process has ended.
+
+        A process that does not take them within ANSWER_S (plus a second per 4 MiB) is killed: hung.
+        """
         process = self._process
         if process is None or self.ended:
             return False
         assert process.stdin is not None
+        limit = ANSWER_S + sum(len(payload) for payload in payloads) / (4 << 20)
         try:
-            _write(process.stdin, (max_bytes, list(payloads)))
-        except (OSError, ValueError) as exc:
+            _write_within(process.stdin.fileno(), (max_bytes, list(payloads)), time.monotonic() + limit)
+        except TimeoutError:
+            self._give_up(f"it has not taken a claim's orders for {limit:.1f}s (pid {process.pid}, killed)",
+                          kill=True)
+            return False
+        except Exception as exc:  # a broken pipe: it has ended
             self._failed(process, exc)
             return False
         return True
@@ -188,27 +224,31 @@ class CheckProcess:
         A process that has not answered within ANSWER_S (plus a second per 4 MiB sent) is killed: hung.
         """
         process = self._process
-        if process is None or self.ended:
+        if process is None or self.ended or self._answers is None:
             return None
-        assert process.stdout is not None
-        deadline = time.monotonic() + ANSWER_S + sent_bytes / (4 << 20)
+        limit = ANSWER_S + sent_bytes / (4 << 20)
         try:
-            verdicts: list[Verdict] = _read_within(process.stdout.fileno(), deadline)
+            verdicts: list[Verdict] = _read_within(self._answers, time.monotonic() + limit)
+            if type(verdicts) is not list or not all(type(verdict) is tuple and len(verdict) >= 2
+                                                     for verdict in verdicts):
+                raise ValueError("an answer that is not a list of verdicts")  # as any garbled frame
         except TimeoutError:
-            self._give_up(f"it has not answered for {ANSWER_S + sent_bytes / (4 << 20):.0f}s (pid "
-                          f"{process.pid}, killed)", kill=True)
+            self._give_up(f"it has not answered for {limit:.1f}s (pid {process.pid}, killed)", kill=True)
             return None
         except Exception as exc:  # a broken pipe, EOF, a garbled frame: the same, it cannot be used
             self._failed(process, exc)
             return None
         if len(verdicts) != count:
-            self._give_up(f"it answered {len(verdicts)} verdicts for {count} orders")
+            self._give_up(f"it answered {len(verdicts)} verdicts for {count} orders", kill=True)
             return None
         return verdicts
 
     def _failed(self, process: subprocess.Popen[bytes], exc: Exception) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):  # EOF comes a moment before the exit status
+            process.wait(0.5)
         code = process.poll()
-        self._give_up(f"it ended (exit status {code})" if code is not None else f"its pipe failed ({exc})")
+        self._give_up(f"it ended (exit status {code})" if code is not None else f"its pipe failed ({exc})",
+                      kill=code is None)
 
     def _give_up(self, why: str, *, kill: bool = False) -> None:
         self.ended = True
@@ -221,17 +261,21 @@ class CheckProcess:
     def close(self) -> None:
         """End the process: EOF on its input, then a kill if it does not end within CLOSE_TIMEOUT_S."""
         process, self._process = self._process, None
+        answers, self._answers = self._answers, None
+        if answers is not None:
+            with contextlib.suppress(OSError):
+                os.close(answers)
         if process is None:
             return
-        for stream in (process.stdin, process.stdout):
-            if stream is not None:
-                with contextlib.suppress(OSError):  # a broken pipe: it has ended already
-                    stream.close()
+        if process.stdin is not None:
+            with contextlib.suppress(OSError):  # a broken pipe: it has ended already
+                process.stdin.close()
         try:
             process.wait(CLOSE_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             process.kill()
-            process.wait()
+            with contextlib.suppress(subprocess.TimeoutExpired):  # stuck in the kernel: leave it to init
+                process.wait(CLOSE_TIMEOUT_S)
 
 
 def verdicts(payloads: Sequence[bytes | str], max_bytes: int) -> list[Verdict]:
@@ -252,7 +296,7 @@ def verdicts(payloads: Sequence[bytes | str], max_bytes: int) -> list[Verdict]:
 
 def main() -> int:
     """Answer frames on stdin until it closes; the daemon ends it, not systemd's stop signal."""
-    # A stop signals the whole control group; the daemon's drain may still need checks, and EOF ends us.
+    # A stop signals the whole control group; a claim under way still needs its answer, and EOF ends us.
     for number in STOP_SIGNALS:
         signal.signal(number, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by the daemon until now
@@ -261,10 +305,8 @@ def main() -> int:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if len(sys.argv) > 1 and os.getppid() != int(sys.argv[1]):
         return 0  # the daemon ended before the line above
-    # Frames go to the pipe that was stdout; anything printed goes to stderr (the journal) instead.
-    stdin, stdout = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
+    stdin = sys.stdin.buffer
+    stdout = os.fdopen(int(sys.argv[2]), "wb") if len(sys.argv) > 2 else sys.stdout.buffer  # the answers
     try:
         while True:
             max_bytes, payloads = _read(stdin)
