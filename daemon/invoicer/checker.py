@@ -33,7 +33,7 @@ import time
 import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any, overload
+from typing import Any, overload
 
 from invoicer.processing import InvoiceRequest
 
@@ -51,23 +51,18 @@ STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}  # a stop or reloa
 Verdict = tuple[Any, ...]
 
 
-def _write(stream: IO[bytes], value: Any) -> None:
-    data = marshal.dumps(value)
-    stream.write(_LENGTH.pack(len(data)))
-    stream.write(data)
-    stream.flush()
-
-
-def _read_within(fd: int, deadline: float) -> Any:
-    """Read one frame from ``fd`` by ``deadline`` (TimeoutError); each wait is off the interpreter lock."""
+def _read_within(fd: int, deadline: float | None) -> Any:
+    """Read one frame from ``fd`` by ``deadline`` (TimeoutError; None: no limit), off the interpreter lock."""
     (size,) = _LENGTH.unpack(_read_exactly(fd, _LENGTH.size, deadline))
     if size > MAX_FRAME:
         raise ValueError(f"a frame of {size:,} bytes")
     return marshal.loads(_read_exactly(fd, size, deadline))  # noqa: S302  # from the process we started
 
 
-def _wait(fd: int, event: int, deadline: float) -> None:
+def _wait(fd: int, event: int, deadline: float | None) -> None:
     """Wait until ``fd`` is ready for ``event`` (select.POLLIN/POLLOUT); TimeoutError at ``deadline``."""
+    if deadline is None:  # the check process: it blocks in the read or write itself
+        return
     poller = select.poll()
     poller.register(fd, event)
     wait = deadline - time.monotonic()
@@ -75,7 +70,7 @@ def _wait(fd: int, event: int, deadline: float) -> None:
         raise TimeoutError
 
 
-def _read_exactly(fd: int, size: int, deadline: float) -> bytes:
+def _read_exactly(fd: int, size: int, deadline: float | None) -> bytes:
     parts = []
     left = size
     while left:
@@ -88,8 +83,11 @@ def _read_exactly(fd: int, size: int, deadline: float) -> bytes:
     return b"".join(parts)
 
 
-def _write_within(fd: int, value: Any, deadline: float) -> None:
-    """Write one frame to the non-blocking ``fd`` by ``deadline`` (TimeoutError), whatever the reader does."""
+def _write_within(fd: int, value: Any, deadline: float | None) -> None:
+    """Write one frame to ``fd`` by ``deadline`` (TimeoutError; None: no limit), whatever the reader does.
+
+    The daemon's end is non-blocking, so that a reader that takes nothing cannot hold it past the deadline.
+    """
     data = marshal.dumps(value)
     view = memoryview(_LENGTH.pack(len(data)) + data)
     done = 0
@@ -99,15 +97,9 @@ def _write_within(fd: int, value: Any, deadline: float) -> None:
             done += os.write(fd, view[done:done + PIPE_BYTES])
 
 
-def _read(stream: IO[bytes]) -> Any:
-    header = stream.read(_LENGTH.size)
-    if len(header) < _LENGTH.size:
-        raise EOFError("the pipe closed")
-    (size,) = _LENGTH.unpack(header)
-    data = stream.read(size)
-    if len(data) < size:
-        raise EOFError("the pipe closed in the middle of a frame")
-    return marshal.loads(data)  # noqa: S302  # our own frames, from the process we started
+def _limit(size: int) -> float:
+    """Seconds the check process has to take, or to answer, a claim of ``size`` bytes."""
+    return ANSWER_S + size / (4 << 20)
 
 
 class PackedRequests(Sequence[InvoiceRequest]):
@@ -193,12 +185,11 @@ class CheckProcess:
 
     def check(self, payloads: Sequence[bytes | str], max_bytes: int) -> list[Verdict] | None:
         """Return the verdicts on ``payloads``, in order; None if the process has ended (check in-process)."""
-        if not self.send(payloads, max_bytes):
-            return None
-        return self.receive(len(payloads), sum(len(payload) for payload in payloads))
+        size = sum(len(payload) for payload in payloads)
+        return self.receive(len(payloads), size) if self.send(payloads, max_bytes, size) else None
 
-    def send(self, payloads: Sequence[bytes | str], max_bytes: int) -> bool:
-        """Send ``payloads`` to be checked (``receive`` takes the answer); False if the process has ended.
+    def send(self, payloads: Sequence[bytes | str], max_bytes: int, size: int) -> bool:
+        """Send ``payloads`` (``size`` bytes) to be checked (``receive`` answers); False if it has ended.
 
         A process that does not take them within ANSWER_S (plus a second per 4 MiB) is killed: hung.
         """
@@ -206,7 +197,7 @@ class CheckProcess:
         if process is None or self.ended:
             return False
         assert process.stdin is not None
-        limit = ANSWER_S + sum(len(payload) for payload in payloads) / (4 << 20)
+        limit = _limit(size)
         try:
             _write_within(process.stdin.fileno(), (max_bytes, list(payloads)), time.monotonic() + limit)
         except TimeoutError:
@@ -218,15 +209,16 @@ class CheckProcess:
             return False
         return True
 
-    def receive(self, count: int, sent_bytes: int = 0) -> list[Verdict] | None:
+    def receive(self, count: int, size: int) -> list[Verdict] | None:
         """Return the verdicts on the ``count`` payloads last sent; None if the process has ended.
 
-        A process that has not answered within ANSWER_S (plus a second per 4 MiB sent) is killed: hung.
+        ``size``: the bytes sent. A process that has not answered within ANSWER_S (plus a second per 4 MiB
+        of them) is killed: hung.
         """
         process = self._process
         if process is None or self.ended or self._answers is None:
             return None
-        limit = ANSWER_S + sent_bytes / (4 << 20)
+        limit = _limit(size)
         try:
             verdicts: list[Verdict] = _read_within(self._answers, time.monotonic() + limit)
             if type(verdicts) is not list or not all(type(verdict) is tuple and len(verdict) >= 2
@@ -305,12 +297,11 @@ def main() -> int:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if len(sys.argv) > 1 and os.getppid() != int(sys.argv[1]):
         return 0  # the daemon ended before the line above
-    stdin = sys.stdin.buffer
-    stdout = os.fdopen(int(sys.argv[2]), "wb") if len(sys.argv) > 2 else sys.stdout.buffer  # the answers
+    answers = int(sys.argv[2]) if len(sys.argv) > 2 else 1
     try:
         while True:
-            max_bytes, payloads = _read(stdin)
-            _write(stdout, verdicts(payloads, max_bytes))
+            max_bytes, payloads = _read_within(0, None)
+            _write_within(answers, verdicts(payloads, max_bytes), None)
     except (EOFError, BrokenPipeError):  # the daemon closed its end: it has stopped, or stops
         return 0
 

@@ -402,9 +402,8 @@ class OrderSource:
         claim, plan = self._ahead
         self._ahead = None
         assert self.check_process is not None
+        # None (not sent, or the process ended meanwhile): checked here instead
         verdicts = self.check_process.receive(len(plan.candidates), plan.planned) if plan.sent else None
-        if plan.sent and verdicts is None:  # the check process ended: check here instead
-            verdicts = self._verdicts(plan)
         valid, packed = self._checked(plan, verdicts)
         next_room = self._budget.room() - plan.planned
         if plan.candidates and not plan.blocked and next_room > 0:  # the next block, checked meanwhile
@@ -432,7 +431,7 @@ class OrderSource:
         assert self.check_process is not None
         if plan.candidates:
             plan.sent = self.check_process.send([payload for _, payload, _ in plan.candidates],
-                                                self._max_bytes)
+                                                self._max_bytes, plan.planned)
         return claim, plan
 
     def _drop_ahead(self) -> None:
@@ -522,10 +521,10 @@ class OrderSource:
             raise RuntimeError(f"claimed numbers {first}..{last} do not follow {self._reserved_last}; "
                                "is another writer using the database?")
         self._reserved_last = last
-        self._budget.take(sum(size for _, _, size in valid))
+        sizes = [size for _, _, size in valid]
+        self._budget.take(sum(sizes))
         self.claimed_total += len(valid)
         numbers = range(first, last + 1)
-        sizes = [size for _, _, size in valid]
         if packed:  # from the check process: each made into its order just before its processor call
             return OrderChunk(numbers, PackedRequests(numbers, [order_id for order_id, _, _ in valid],
                                                       [order for _, order, _ in valid]), sizes)
