@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from invoicer.storage import Storage
+
 REPO = Path(__file__).resolve().parent.parent
 DAEMON_SRC = REPO / "daemon"
 
@@ -105,6 +107,15 @@ def require(condition: bool, reason: str) -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(f"required on CI: {reason}")
     pytest.skip(reason)
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> Iterator[Storage]:
+    """An open SQLite Storage on a fresh file, without fsyncs (test_storage.py has its own, with them)."""
+    store = Storage(tmp_path / "orders.db", synchronous="OFF")
+    store.open()
+    yield store
+    store.close()
 
 
 @pytest.fixture

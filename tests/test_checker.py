@@ -20,6 +20,7 @@ from invoicer.intake import ByteBudget, OrderChunk, OrderSource, decode_payload,
 from invoicer.orders import DEFAULT_MAX_ORDER_BYTES, check_order, demo_order
 from invoicer.storage import Storage, submit_orders
 from tests.conftest import Daemon
+from tests.test_intake import pairs, payload, submit
 from tests.test_orders_daemon import ORDERS, assert_one_invoice_per_order
 
 LIMIT = DEFAULT_MAX_ORDER_BYTES
@@ -35,10 +36,6 @@ BAD = [
     b"[1, 2]",
     b"{" * 40 + b"}" * 40,
 ]
-
-
-def payload(index: int) -> str:
-    return json.dumps({**demo_order(index), "reference": f"PO-{index}"})
 
 
 def in_process(raw: bytes | str, max_bytes: int = LIMIT) -> tuple[bool, object]:
@@ -57,29 +54,9 @@ def process() -> Iterator[CheckProcess]:
     started.close()
 
 
-@pytest.fixture
-def storage(tmp_path: Path) -> Iterator[Storage]:
-    store = Storage(tmp_path / "orders.db", synchronous="OFF")
-    store.open()
-    yield store
-    store.close()
-
-
-def submit(database: Path, payloads: list[str | bytes]) -> list[int]:
-    with sqlite3.connect(database) as connection:
-        ids = [connection.execute("INSERT INTO orders (payload) VALUES (?)", (text,)).lastrowid or 0
-               for text in payloads]
-    connection.close()
-    return ids
-
-
 def paired(database: Path) -> list[tuple[int, int]]:
     """(number, order id) of every paired order, by number, read by another connection."""
-    with sqlite3.connect(database) as connection:
-        found = connection.execute("SELECT invoice_id, id FROM orders WHERE invoice_id IS NOT NULL "
-                                   "ORDER BY invoice_id").fetchall()
-    connection.close()
-    return found
+    return sorted((number, order_id) for order_id, number in pairs(database).items())
 
 
 def claim_all(orders: OrderSource, limit: int = 10_000) -> list[OrderChunk]:

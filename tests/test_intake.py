@@ -9,7 +9,7 @@ import os
 import sqlite3
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ def payload(index: int) -> str:
     return json.dumps({**demo_order(index), "reference": f"PO-{index}"})
 
 
-def submit(database: Path, payloads: list[str]) -> list[int]:
+def submit(database: Path, payloads: list[str] | list[str | bytes]) -> list[int]:
     """Insert payloads with plain SQL, as any application would; return their ids."""
     with sqlite3.connect(database) as connection:
         ids = [connection.execute("INSERT INTO orders (payload) VALUES (?)", (text,)).lastrowid or 0
@@ -50,14 +50,6 @@ def pairs(database: Path) -> dict[int, int]:
         found = dict(connection.execute("SELECT id, invoice_id FROM orders WHERE invoice_id IS NOT NULL"))
     connection.close()
     return found
-
-
-@pytest.fixture
-def storage(tmp_path: Path) -> Iterator[Storage]:
-    store = Storage(tmp_path / "orders.db", synchronous="OFF")
-    store.open()
-    yield store
-    store.close()
 
 
 def source(storage: Storage, budget: int = 1 << 30, high_water: int | None = None) -> OrderSource:
