@@ -1,4 +1,4 @@
-"""The built-in check in a process of its own: same verdicts, claims read ahead, and what if it ends."""
+"""The built-in check in a process of its own: same verdicts, claims made there, and what if it ends."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 
 from invoicer.checker import CLOSE_TIMEOUT_S, CheckProcess, PackedRequests, verdicts
+from invoicer.checker import answer as answer_request
 from invoicer.intake import ByteBudget, OrderChunk, OrderSource, decode_payload, reason_for
 from invoicer.orders import DEFAULT_MAX_ORDER_BYTES, check_order, demo_order
-from invoicer.storage import Storage, submit_orders
+from invoicer.storage import EX_TEMPFAIL, Storage, StorageError, submit_orders
 from tests.conftest import Daemon
 from tests.test_intake import pairs, payload, submit
 from tests.test_orders_daemon import ORDERS, assert_one_invoice_per_order
@@ -65,7 +66,7 @@ def claim_all(orders: OrderSource, limit: int = 10_000) -> list[OrderChunk]:
     for _ in range(limit):
         chunk = orders.take(limit)
         if chunk is None:
-            if orders.idle and orders._ahead is None:  # nothing read ahead either
+            if orders.idle and not orders.asked:  # no claim under way in the check process either
                 return chunks
             continue
         chunks.append(chunk)
@@ -113,64 +114,90 @@ def test_packed_requests_make_a_new_order_for_each_request() -> None:
     assert len(tail) == 2
 
 
-def test_claims_through_the_check_process_read_ahead_and_keep_submission_order(
+def test_the_check_process_claims_asks_for_the_next_at_once_and_keeps_submission_order(
         storage: Storage, process: CheckProcess) -> None:
-    """Numbers follow submission order; refused orders take none; the next block is read while pairing."""
+    """Numbers follow submission order; refused orders take none; the next claim reads on meanwhile."""
     texts: list[str | bytes] = [payload(n) for n in range(500)]
     for position, bad in zip(range(7, 500, 37), BAD * 3, strict=False):
         texts[position] = bad
     ids = submit(storage.path, texts)
     orders = OrderSource(storage, 0, ByteBudget(1 << 30), check_order, max_order_bytes=LIMIT)
     orders.check_process = process
-    reads_ahead = []
-    read_and_send = orders._read_and_send
+    afters = []
+    ask_claim = process.ask_claim
 
-    def spy(room: int, after: int, *, ahead: bool = False) -> object:
-        reads_ahead.append(ahead and after > 0)
-        return read_and_send(room, after, ahead=ahead)
+    def spy(after: int, *arguments: object) -> bool:
+        afters.append(after)
+        return ask_claim(after, *arguments)  # type: ignore[arg-type]
 
-    orders._read_and_send = spy  # type: ignore[method-assign,assignment]
+    process.ask_claim = spy  # type: ignore[method-assign,assignment]
     chunks = claim_all(orders)
     valid = [order_id for order_id, text in zip(ids, texts, strict=True) if in_process(text)[0]]
     assert len(valid) == 500 - len(range(7, 500, 37))
     assert paired(storage.path) == list(zip(range(1, len(valid) + 1), valid, strict=True))
-    assert any(reads_ahead)
+    assert process.database == str(storage.path)
+    assert afters[0] == 0
+    assert any(after > 0 for after in afters)  # asked for on from the last order, before being needed
     requests = [request for chunk in chunks for request in chunk.requests]
     assert [r.order_id for r in requests] == valid
     assert all(r.order == in_process(texts[ids.index(r.order_id or 0)])[1] for r in requests)
     assert all(isinstance(chunk.requests, PackedRequests) for chunk in chunks)
     assert [reason for _, _, reason in storage.rejected_orders()] == [
         in_process(texts[position])[1] for position in range(7, 500, 37)]
+    assert orders.rejected_total == len(range(7, 500, 37))
 
 
-@pytest.mark.parametrize("which", ["read ahead", "being paired"])
-def test_an_order_deleted_while_its_block_is_read_ahead_keeps_submission_order(
-        storage: Storage, process: CheckProcess, which: str) -> None:
-    """Another program deletes a waiting order of the block read ahead, or of the one being paired."""
+class LocalProcess(CheckProcess):
+    """The check process's claims run in this process, on a connection of their own.
+
+    The same :func:`invoicer.checker.answer` as the real process, without the pipe, so that a test can
+    act at a chosen point of a claim (which a real process gives no event for).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state: dict[str, sqlite3.Connection] = {}
+        self._request: tuple[object, ...] | None = None
+        self.after = -1  # where the claim under way reads from
+
+    def _send(self, value: object, limit: float, what: str) -> bool:
+        self._request = value  # type: ignore[assignment]
+        return True
+
+    def _receive(self, limit: float) -> object:
+        request, self._request = self._request, None
+        assert request is not None
+        if request[0] == "claim":
+            self.after = request[1]  # type: ignore[assignment]
+        return answer_request(request, self.state)
+
+
+@pytest.mark.parametrize("which", ["the first claim", "the claim asked for ahead"])
+def test_an_order_deleted_during_a_claim_rolls_it_back_and_keeps_submission_order(
+        storage: Storage, monkeypatch: pytest.MonkeyPatch, which: str) -> None:
+    """Another program deletes a waiting order after the claim read it, before the pairing."""
     ids = submit(storage.path, [payload(n) for n in range(400)])
+    victim = ids[3] if which == "the first claim" else ids[200]
     orders = OrderSource(storage, 0, ByteBudget(1 << 30), check_order, max_order_bytes=LIMIT)
-    orders.check_process = process
-    first = orders.take(10_000)
-    assert first is not None
-    assert orders._ahead is not None  # the next block went to the check process
-    _, plan = orders._ahead
-    victim = plan.candidates[3][0]
-    if which == "being paired":  # the next take pairs the block read ahead, and reads on meanwhile
-        original = orders._read_and_send
+    orders._block = 128
+    orders.check_process = local = LocalProcess()
+    victim_payload = payload(ids.index(victim)).encode()
+    deleted: list[int] = []
+    asked_ahead: list[bool] = []
 
-        def delete_then_read(room: int, after: int, *, ahead: bool = False) -> object:
+    def delete_then_check(payloads: list[bytes], max_bytes: int) -> list[tuple[object, ...]]:
+        if not deleted and victim_payload in payloads:  # read by this claim, which pairs next
             with sqlite3.connect(storage.path) as connection:
                 connection.execute("DELETE FROM orders WHERE id = ?", (victim,))
             connection.close()
-            orders._read_and_send = original  # type: ignore[method-assign]
-            return original(room, after, ahead=ahead)
+            deleted.append(victim)
+            asked_ahead.append(local.after > 0)
+        return verdicts(payloads, max_bytes)
 
-        orders._read_and_send = delete_then_read  # type: ignore[method-assign,assignment]
-    else:
-        with sqlite3.connect(storage.path) as connection:
-            connection.execute("DELETE FROM orders WHERE id = ?", (victim,))
-        connection.close()
+    monkeypatch.setattr("invoicer.checker.verdicts", delete_then_check)
     claim_all(orders)
+    assert deleted == [victim]
+    assert asked_ahead == [which != "the first claim"]
     left = [order_id for order_id in ids if order_id != victim]
     assert paired(storage.path) == list(zip(range(1, len(left) + 1), left, strict=True))
 
@@ -311,27 +338,105 @@ def test_a_block_read_ahead_keeps_within_the_byte_budget(storage: Storage, proce
     assert sizes[0] == 1  # the large one, by itself, once nothing else was in flight
 
 
-def test_a_check_process_that_stops_answering_is_killed_and_the_daemon_checks(
+@pytest.mark.parametrize("when", ["before it opened the database", "while it claims"])
+def test_a_check_process_that_stops_answering_is_killed_and_the_daemon_claims(
         storage: Storage, process: CheckProcess, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
-    """Stopped (SIGSTOP), it takes nothing more: a claim larger than the pipe must not wait for it forever."""
+        caplog: pytest.LogCaptureFixture, when: str) -> None:
+    """Stopped (SIGSTOP), it answers nothing more: killed at the deadline, the claims go on here."""
     monkeypatch.setattr("invoicer.checker.ANSWER_S", 0.5)
-    total = 4_000  # 1.4 MB of payloads in the first claims: more than the pipe holds
+    monkeypatch.setattr("invoicer.checker.BUSY_TIMEOUT_S", 0.0)
+    total = 3_000
     ids = submit(storage.path, [payload(n) for n in range(total)])
-    orders = OrderSource(storage, 0, ByteBudget(1 << 30), check_order, max_order_bytes=LIMIT)
-    orders._block = 4096  # a claim as large as a backlog's
+    # The deadline grows with what a claim may hold (a second per 4 MiB of room and of the size limit).
+    orders = OrderSource(storage, 0, ByteBudget(2 << 20), check_order, max_order_bytes=1 << 20)
     orders.check_process = process
     pid = process.pid
     assert pid is not None
+    if when == "while it claims":
+        assert orders.take(10) is not None
+        assert orders.asked
     os.kill(pid, signal.SIGSTOP)
     started = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="invoicer"):
         claim_all(orders)
     assert time.monotonic() - started < CLOSE_TIMEOUT_S  # killed at the deadline, not waited for
-    assert re.search(rf"the order check process is not available: it has not taken a claim's orders for "
-                     rf"[0-9.]+s \(pid {pid}, killed\)", caplog.text)
+    assert re.search(rf"the order check process is not available: it has not answered for [0-9.]+s "
+                     rf"\(pid {pid}, killed\)", caplog.text)
     wait_gone(pid)
     assert paired(storage.path) == list(zip(range(1, total + 1), ids, strict=True))
+
+
+def test_a_claim_the_check_process_paired_and_never_told_is_given_back(
+        storage: Storage, process: CheckProcess, caplog: pytest.LogCaptureFixture) -> None:
+    """It committed the claim asked for ahead, then died before the answer was read: nothing is lost."""
+    ids = submit(storage.path, [payload(n) for n in range(1_000)])
+    orders = OrderSource(storage, 0, ByteBudget(1 << 30), check_order, max_order_bytes=LIMIT)
+    orders.check_process = process
+    first = orders.take(10_000)
+    assert first is not None
+    assert orders.asked
+    lost = process.claimed()  # the answer the claimer never reads: the claim is committed by now
+    assert lost is not None
+    assert lost[0] == "claimed"
+    assert lost[1] == first.numbers[-1] + 1
+    assert len(pairs(storage.path)) == len(first) + len(lost[3])
+    assert process.pid is not None
+    os.kill(process.pid, signal.SIGKILL)
+    with caplog.at_level(logging.WARNING, logger="invoicer"):
+        chunks = [first, *claim_all(orders)]
+    assert "the order check process is not available: it ended" in caplog.text
+    assert paired(storage.path) == list(zip(range(1, 1_001), ids, strict=True))
+    assert [number for chunk in chunks for number in chunk] == list(range(1, 1_001))
+    assert storage.recovery_plan().high_water == 1_000
+
+
+def test_another_programs_write_lock_is_waited_out_by_a_claim_in_the_check_process(
+        storage: Storage, process: CheckProcess, caplog: pytest.LogCaptureFixture) -> None:
+    """Held past the busy timeout: the running daemon warns and asks again, as for its own writes."""
+    ids = submit(storage.path, [payload(n) for n in range(100)])
+    orders = OrderSource(storage, 0, ByteBudget(1 << 30), check_order, max_order_bytes=LIMIT)
+    orders.check_process = process
+    storage.patient = True
+    blocker = sqlite3.connect(storage.path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        with caplog.at_level(logging.WARNING, logger="invoicer"):
+            assert orders.take(10_000) is None  # the claim waited out the busy timeout, and failed
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert re.search(r"database .* is locked by another program \([0-9.]+s so far\); still waiting",
+                     caplog.text)
+    assert not process.ended
+    claim_all(orders)
+    assert paired(storage.path) == list(zip(range(1, 101), ids, strict=True))
+
+
+def test_a_claim_that_fails_in_the_check_process_fails_as_one_made_here(storage: Storage) -> None:
+    """What SQLite said in the check process becomes the daemon's one-line StorageError and exit code."""
+    with pytest.raises(StorageError, match=r"is locked by another program and stayed locked") as locked:
+        storage.claim_failed("database is locked", "SQLITE_BUSY")  # not patient: starting or draining
+    assert locked.value.exit_code == EX_TEMPFAIL
+    with pytest.raises(StorageError, match=r"the disk is full while claiming orders"):
+        storage.claim_failed("database or disk is full", "SQLITE_FULL")
+
+
+def test_a_check_process_that_takes_no_orders_is_killed_at_the_deadline(
+        process: CheckProcess, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Checks only (PostgreSQL): stopped, it takes nothing; orders larger than the pipe must not wait."""
+    monkeypatch.setattr("invoicer.checker.ANSWER_S", 0.5)
+    payloads: list[bytes | str] = [payload(n) for n in range(4_000)]  # 1.4 MB: more than the pipe holds
+    pid = process.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="invoicer"):
+        assert process.check(payloads, LIMIT) is None
+    assert time.monotonic() - started < CLOSE_TIMEOUT_S
+    assert re.search(rf"the order check process is not available: it has not taken a claim's orders for "
+                     rf"[0-9.]+s \(pid {pid}, killed\)", caplog.text)
+    assert process.ended
+    wait_gone(pid)
 
 
 def test_the_check_process_imports_this_invoicer_whatever_the_working_directory(

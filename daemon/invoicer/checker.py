@@ -7,13 +7,22 @@ answer is the checked order as ``marshal`` bytes, which the consumer turns into 
 the processor call (:class:`PackedRequests`): an order made a whole claimed block ahead cost three times
 as much as one made just in time (docs/performance.md, "The orders source").
 
+On SQLite the process makes the whole claim (:func:`claim`): it reads the waiting orders on a connection
+of its own, checks them and pairs the valid ones with their numbers in one transaction, as the claimer
+would, and answers with what it paired. The claimer asks for the next claim as soon as it has an answer,
+so the next block is read, checked and paired while the consumers process this one, and the daemon's
+interpreter does nothing for a claim but take the answer. PostgreSQL's claims hold row locks in the
+daemon's transaction: there the process only checks.
+
 Only the built-in check runs here: a plugin's ``check_order`` may rely on its module's state, so it runs
 in the daemon, as always. If the check process cannot be started or ends, the daemon says so once and
-checks in its own process from then on: slower, never different.
+claims and checks in its own process from then on: slower, never different.
 
-Frames on both pipes are an 8-byte length and a ``marshal`` dump: ``(max_bytes, [payload, ...])`` in,
-``[(True, order_bytes) | (False, reason, traceback), ...]`` out (``traceback``: empty, unless the check
-raised something other than InvalidOrder).
+Frames on both pipes are an 8-byte length and a ``marshal`` dump. In: ``("check", max_bytes, [payload,
+...])``, ``("open", database, synchronous)`` or ``("claim", after, block, room, alone, max_bytes)``. Out,
+in the same order: ``[(True, order_bytes) | (False, reason, traceback), ...]`` (``traceback``: empty,
+unless the check raised something other than InvalidOrder); ``("opened",)``; a :data:`Claimed` tuple,
+``("conflict", why)``; or, for either of the last two, ``("error", message, sqlite_errorname)``.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import marshal
 import os
 import select
 import signal
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -36,6 +46,7 @@ from pathlib import Path
 from typing import Any, overload
 
 from invoicer.processing import InvoiceRequest
+from invoicer.storage.sqlite import BUSY_TIMEOUT_S
 
 log = logging.getLogger("invoicer")
 
@@ -49,6 +60,10 @@ STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}  # a stop or reloa
 
 # One answer: (True, marshal bytes of the order) or (False, reason, traceback of a broken check or '').
 Verdict = tuple[Any, ...]
+# A claim's answer: ("claimed", first, last, [order id], [order bytes], [payload size],
+# [(order id, reason, traceback)], full, waiting, blocked, last_id, planned), the names as in _Plan.
+Claimed = tuple[Any, ...]
+CLAIMED_FIELDS = 12
 
 
 def _read_within(fd: int, deadline: float | None) -> Any:
@@ -142,7 +157,9 @@ class CheckProcess:
     def __init__(self) -> None:
         self._process: subprocess.Popen[bytes] | None = None
         self._answers: int | None = None  # the read end of the pipe the answers come on
+        self._asked = 0  # the byte bound of the claim asked for
         self.ended = False  # it could not be started, or it ended: the daemon checks in-process
+        self.database: str | None = None  # the SQLite database it claims from (None: it only checks)
 
     def start(self) -> bool:
         """Start the process; False (said once, in the log) if it cannot be started."""
@@ -184,56 +201,97 @@ class CheckProcess:
         return None if self._process is None or self.ended else self._process.pid
 
     def check(self, payloads: Sequence[bytes | str], max_bytes: int) -> list[Verdict] | None:
-        """Return the verdicts on ``payloads``, in order; None if the process has ended (check in-process)."""
-        size = sum(len(payload) for payload in payloads)
-        return self.receive(len(payloads), size) if self.send(payloads, max_bytes, size) else None
+        """Return the verdicts on ``payloads``, in order; None if the process has ended (check in-process).
 
-    def send(self, payloads: Sequence[bytes | str], max_bytes: int, size: int) -> bool:
-        """Send ``payloads`` (``size`` bytes) to be checked (``receive`` answers); False if it has ended.
-
-        A process that does not take them within ANSWER_S (plus a second per 4 MiB) is killed: hung.
+        A process that does not take them, or answer, within ANSWER_S (plus a second per 4 MiB) is
+        killed: hung.
         """
+        limit = _limit(sum(len(payload) for payload in payloads))
+        if not self._send(("check", max_bytes, list(payloads)), limit, "a claim's orders"):
+            return None
+        verdicts = self._receive(limit)
+        if verdicts is None:
+            return None
+        if type(verdicts) is not list or not all(type(verdict) is tuple and len(verdict) >= 2
+                                                 for verdict in verdicts):
+            self._give_up("an answer that is not a list of verdicts", kill=True)
+            return None
+        if len(verdicts) != len(payloads):
+            self._give_up(f"it answered {len(verdicts)} verdicts for {len(payloads)} orders", kill=True)
+            return None
+        return verdicts
+
+    def open_database(self, database: str, synchronous: str) -> bool:
+        """Have the process claim orders from SQLite ``database`` too; False if it cannot (it has ended)."""
+        if not self._send(("open", database, synchronous), ANSWER_S, "the database to claim from"):
+            return False
+        answer = self._receive(ANSWER_S)
+        if answer is None:
+            return False
+        if answer != ("opened",):
+            why = answer[1] if type(answer) is tuple and len(answer) > 1 and answer[0] == "error" else answer
+            self._give_up(f"it cannot open {database} ({why})", kill=True)
+            return False
+        self.database = database
+        return True
+
+    def ask_claim(self, after: int, block: int, room: int, alone: bool, max_bytes: int) -> bool:
+        """Ask for a claim (see :func:`claim`), answered by ``claimed``; False if the process has ended."""
+        self._asked = room + max_bytes  # the most its answer can hold
+        return self._send(("claim", after, block, room, alone, max_bytes), ANSWER_S, "a claim")
+
+    def claimed(self) -> Claimed | None:
+        """Return the answer to the claim asked for: Claimed, a conflict or an error; None if it ended.
+
+        A claim may wait for another program's write lock for the busy timeout: a process that has not
+        answered within that, ANSWER_S and a second per 4 MiB of orders is hung, and killed.
+        """
+        answer = self._receive(_limit(self._asked) + BUSY_TIMEOUT_S)
+        if answer is None:
+            return None
+        if type(answer) is not tuple or not answer:
+            self._give_up(f"an answer that is not a claim ({type(answer).__name__})", kill=True)
+            return None
+        if answer[0] == "claimed":
+            if len(answer) != CLAIMED_FIELDS or not (
+                    len(answer[3]) == len(answer[4]) == len(answer[5]) == answer[2] - answer[1] + 1):
+                self._give_up("an answer with the wrong shape for a claim", kill=True)
+                return None
+            return answer
+        if answer[0] in ("conflict", "error") and len(answer) >= 2:
+            return answer
+        self._give_up(f"an answer that is not a claim ({answer[0]!r})", kill=True)
+        return None
+
+    def _send(self, value: Any, limit: float, what: str) -> bool:
+        """Write one frame within ``limit`` seconds; False (and the process given up) if it cannot."""
         process = self._process
         if process is None or self.ended:
             return False
         assert process.stdin is not None
-        limit = _limit(size)
         try:
-            _write_within(process.stdin.fileno(), (max_bytes, list(payloads)), time.monotonic() + limit)
+            _write_within(process.stdin.fileno(), value, time.monotonic() + limit)
         except TimeoutError:
-            self._give_up(f"it has not taken a claim's orders for {limit:.1f}s (pid {process.pid}, killed)",
-                          kill=True)
+            self._give_up(f"it has not taken {what} for {limit:.1f}s (pid {process.pid}, killed)", kill=True)
             return False
         except Exception as exc:  # a broken pipe: it has ended
             self._failed(process, exc)
             return False
         return True
 
-    def receive(self, count: int, size: int) -> list[Verdict] | None:
-        """Return the verdicts on the ``count`` payloads last sent; None if the process has ended.
-
-        ``size``: the bytes sent. A process that has not answered within ANSWER_S (plus a second per 4 MiB
-        of them) is killed: hung.
-        """
+    def _receive(self, limit: float) -> Any:
+        """Read one frame within ``limit`` seconds; None (and the process given up) if it cannot."""
         process = self._process
         if process is None or self.ended or self._answers is None:
             return None
-        limit = _limit(size)
         try:
-            verdicts: list[Verdict] = _read_within(self._answers, time.monotonic() + limit)
-            if type(verdicts) is not list or not all(type(verdict) is tuple and len(verdict) >= 2
-                                                     for verdict in verdicts):
-                raise ValueError("an answer that is not a list of verdicts")  # as any garbled frame
+            return _read_within(self._answers, time.monotonic() + limit)
         except TimeoutError:
             self._give_up(f"it has not answered for {limit:.1f}s (pid {process.pid}, killed)", kill=True)
             return None
         except Exception as exc:  # a broken pipe, EOF, a garbled frame: the same, it cannot be used
             self._failed(process, exc)
             return None
-        if len(verdicts) != count:
-            self._give_up(f"it answered {len(verdicts)} verdicts for {count} orders", kill=True)
-            return None
-        return verdicts
 
     def _failed(self, process: subprocess.Popen[bytes], exc: Exception) -> None:
         with contextlib.suppress(subprocess.TimeoutExpired):  # EOF comes a moment before the exit status
@@ -246,8 +304,8 @@ class CheckProcess:
         self.ended = True
         if kill and self._process is not None:
             self._process.kill()
-        log.warning("the order check process is not available: %s; orders are checked in the daemon's "
-                    "own process from now on (slower, same verdicts)", why, extra={"reason": why})
+        log.warning("the order check process is not available: %s; orders are claimed and checked in the "
+                    "daemon's own process from now on (slower, same verdicts)", why, extra={"reason": why})
         self.close()
 
     def close(self) -> None:
@@ -286,6 +344,80 @@ def verdicts(payloads: Sequence[bytes | str], max_bytes: int) -> list[Verdict]:
     return out
 
 
+def claim(connection: sqlite3.Connection, after: int, block: int, room: int, *, alone: bool,
+          max_bytes: int) -> Claimed | tuple[str, ...]:
+    """Claim as the daemon's claimer does on SQLite: read, plan, check, pair; return the answer.
+
+    The waiting orders after id ``after`` are read outside the transaction that pairs them, which is
+    rolled back if another program deleted one meanwhile (the answer is then a conflict).
+    """
+    from invoicer.intake import plan_claim  # noqa: PLC0415  # intake imports this module
+    from invoicer.storage import ClaimConflictError  # noqa: PLC0415
+    from invoicer.storage import sqlite as backend  # noqa: PLC0415
+
+    try:
+        waiting = backend.split_waiting(connection.execute(backend.SELECT_WAITING, {
+            "max": max_bytes, "limit": block, "room": room, "after": after}).fetchone(), max_bytes)
+        plan = plan_claim(waiting, block, max_bytes, room, alone=alone)
+        rejected = [(order_id, reason, "") for order_id, reason in plan.rejected]
+        order_ids: list[int] = []
+        packed: list[bytes] = []
+        sizes: list[int] = []
+        found = verdicts([payload for _, payload, _ in plan.candidates], max_bytes)
+        for (order_id, _, size), verdict in zip(plan.candidates, found, strict=True):
+            if verdict[0]:
+                order_ids.append(order_id)
+                packed.append(verdict[1])
+                sizes.append(size)
+            else:
+                rejected.append((order_id, verdict[1], verdict[2]))
+        first, last = 0, -1
+        if order_ids or rejected:
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                first, last = backend.pair_orders(connection.cursor(), order_ids,
+                                                  [(order_id, reason) for order_id, reason, _ in rejected])
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    connection.execute("ROLLBACK")
+                raise
+            connection.execute("COMMIT")
+    except ClaimConflictError as exc:
+        return ("conflict", str(exc))
+    except sqlite3.Error as exc:
+        with contextlib.suppress(sqlite3.Error):
+            connection.execute("ROLLBACK")
+        return ("error", str(exc), getattr(exc, "sqlite_errorname", ""))
+    return ("claimed", first, last, order_ids, packed, sizes, rejected, plan.full, plan.waiting,
+            plan.blocked, plan.last_id, plan.planned)
+
+
+def open_database(database: str, synchronous: str) -> sqlite3.Connection:
+    """Open the connection claims run on: autocommit (transactions are explicit), the daemon's durability."""
+    connection = sqlite3.connect(database, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    connection.execute(f"PRAGMA synchronous={synchronous}")
+    return connection
+
+
+def answer(request: tuple[Any, ...], state: dict[str, sqlite3.Connection]) -> Any:
+    """Answer one request frame (``state`` holds the connection, once opened)."""
+    kind = request[0]
+    if kind == "check":
+        return verdicts(request[2], request[1])
+    if kind == "open":
+        try:
+            state["connection"] = open_database(request[1], request[2])
+        except sqlite3.Error as exc:
+            return ("error", str(exc), getattr(exc, "sqlite_errorname", ""))
+        return ("opened",)
+    if kind == "claim":
+        if "connection" not in state:
+            return ("error", "no database is open to claim from", "")
+        after, block, room, alone, max_bytes = request[1:]
+        return claim(state["connection"], after, block, room, alone=alone, max_bytes=max_bytes)
+    return ("error", f"unknown request {kind!r}", "")
+
+
 def main() -> int:
     """Answer frames on stdin until it closes; the daemon ends it, not systemd's stop signal."""
     # A stop signals the whole control group; a claim under way still needs its answer, and EOF ends us.
@@ -298,10 +430,10 @@ def main() -> int:
     if len(sys.argv) > 1 and os.getppid() != int(sys.argv[1]):
         return 0  # the daemon ended before the line above
     answers = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+    state: dict[str, sqlite3.Connection] = {}
     try:
         while True:
-            max_bytes, payloads = _read_within(0, None)
-            _write_within(answers, verdicts(payloads, max_bytes), None)
+            _write_within(answers, answer(_read_within(0, None), state), None)
     except (EOFError, BrokenPipeError):  # the daemon closed its end: it has stopped, or stops
         return 0
 

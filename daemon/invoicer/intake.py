@@ -227,7 +227,29 @@ class _Plan:
     planned: int = 0                 # the candidates' bytes
     blocked: int = 0                 # the size of the first order that did not fit (0: none)
     last_id: int = 0                 # the last order taken into the plan, candidate or refused
-    sent: bool = False               # the candidates are with the check process
+
+
+def plan_claim(waiting: list[tuple[int, bytes | None, int]], block: int, max_bytes: int, room: int, *,
+               alone: bool) -> _Plan:
+    """Take the waiting orders in id order while they fit ``room``; refuse those over the size limit.
+
+    ``block``: the orders asked for (a full read means a backlog). ``alone``: nothing is in flight, so a
+    first order larger than the room may go, by itself.
+    """
+    plan = _Plan(full=len(waiting) == block, waiting=bool(waiting))
+    for order_id, payload, size in waiting:
+        if payload is None:  # over the size limit: refused without being read, whatever the room
+            plan.rejected.append((order_id, f"order is {size:,} bytes, over the limit of "
+                                            f"{max_bytes:,} bytes"))
+            plan.last_id = order_id
+            continue
+        if plan.planned + size > room and (plan.candidates or not alone):
+            plan.blocked = size
+            break  # the rest waits for room
+        plan.candidates.append((order_id, payload, size))
+        plan.planned += size
+        plan.last_id = order_id
+    return plan
 
 
 class OrderSource:
@@ -264,9 +286,10 @@ class OrderSource:
         self._last_issued = high_water
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        # The built-in check runs in a process of its own once the claimer thread runs (invoicer.checker).
+        # The built-in check runs in a process of its own once the claimer thread runs (invoicer.checker),
+        # which on SQLite makes the claims too.
         self.check_process: CheckProcess | None = None
-        self._ahead: tuple[Any, _Plan] | None = None  # the next claim, its orders with the check process
+        self.asked = False  # the check process is making the next claim
         self.idle = False           # the last look found no order waiting
         self.busy_since = 0.0       # monotonic start of the claim under way (0: none)
         self.claimed_total = 0
@@ -360,8 +383,8 @@ class OrderSource:
 
     def _claim(self) -> OrderChunk | None:
         """Claim the next waiting orders (as many as the block and the byte budget allow)."""
-        if self._ahead is not None or self._reads_ahead():
-            return self._claim_reading_ahead()
+        if self._process_claims():
+            return self._claim_by_process()
         room = self._budget.room()
         if room <= 0:
             self._budget.wait_room(1, IDLE_POLL_S)
@@ -379,88 +402,88 @@ class OrderSource:
             self._budget.wait_room(plan.blocked, ROOM_WAIT_S)
         return chunk
 
-    def _reads_ahead(self) -> bool:
-        """Whether claims overlap: the next block checked while this one is paired (SQLite, check process).
+    def _process_claims(self) -> bool:
+        """Whether the check process makes the claims: on SQLite, while it runs (opening the database once).
 
-        A claim's read, check and pairing one after another took longer than the consumers took to
-        process the block; reading on from the last order read needs orders to be claimed in id order,
-        which only SQLite's single instance does.
+        A claim's read, check and pairing in the claimer thread took the interpreter lock from the
+        consumers; only SQLite's single instance claims in id order from a connection of its own.
         """
-        return (self._storage.contiguous and self.check_process is not None
-                and not self.check_process.ended)
+        process = self.check_process
+        if not self._storage.contiguous or process is None or process.ended:
+            return False
+        if process.database is None and not process.open_database(*self._storage.claim_database()):
+            self._claims_lost()
+            return False
+        return True
 
-    def _claim_reading_ahead(self) -> OrderChunk | None:
-        """Claim the block the check process has (or this read), sending it the next before the pairing."""
-        if self._ahead is None:
+    def _claim_by_process(self) -> OrderChunk | None:
+        """Take the claim the check process made (asking for it first if need be), and ask for the next.
+
+        The next is asked for at once, reading on after this one's last order, unless this one found no
+        order, was stopped by the byte budget or was rolled back: then the next reads from the start.
+        """
+        process = self.check_process
+        assert process is not None
+        if not self.asked:
             room = self._budget.room()
             if room <= 0:
                 self._budget.wait_room(1, IDLE_POLL_S)
                 return None
-            self._ahead = self._read_and_send(room, after=0)
-            if self._ahead is None:
+            if not self._ask(0, room, alone=self._budget.used == 0):
                 return None
-        claim, plan = self._ahead
-        self._ahead = None
-        assert self.check_process is not None
-        # None (not sent, or the process ended meanwhile): checked here instead
-        verdicts = self.check_process.receive(len(plan.candidates), plan.planned) if plan.sent else None
-        valid, packed = self._checked(plan, verdicts)
-        next_room = self._budget.room() - plan.planned
-        if plan.candidates and not plan.blocked and next_room > 0:  # the next block, checked meanwhile
-            self._ahead = self._read_and_send(next_room, after=plan.last_id, ahead=True)
-        chunk = self._pair(claim, plan, valid, packed)
-        if chunk is None and self._ahead is not None:  # rolled back, or all refused: read on from here
-            self._drop_ahead()
-        if plan.blocked and chunk is None:
-            self._budget.wait_room(plan.blocked, ROOM_WAIT_S)
-        return chunk
-
-    def _read_and_send(self, room: int, after: int, *, ahead: bool = False) -> tuple[Any, _Plan] | None:
-        """Read waiting orders after id ``after`` and send their payloads to the check process.
-
-        None if none is waiting (``idle``, unless this reads ahead of a claim still being paired).
-        """
-        with self._storage.claiming(self._block, self._max_bytes, room, after=after) as claim:
-            pass  # SQLite's claim is its read; the pairing is a transaction of its own
-        # Read ahead, the block being paired is in flight too: none of these may go alone past the room.
-        plan = self._plan(claim.waiting, room, alone=not ahead and self._budget.used == 0)
-        if not ahead:
-            self.idle = not claim.waiting
-        if not claim.waiting:
+        answer = process.claimed()
+        self.asked = False
+        if answer is None:
+            self._claims_lost()
             return None
-        assert self.check_process is not None
-        if plan.candidates:
-            plan.sent = self.check_process.send([payload for _, payload, _ in plan.candidates],
-                                                self._max_bytes, plan.planned)
-        return claim, plan
+        return self._take_claimed(answer)
 
-    def _drop_ahead(self) -> None:
-        """Forget the block read ahead (its orders are read again), taking its verdicts off the pipe."""
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead[1].sent:
-            assert self.check_process is not None
-            self.check_process.receive(len(ahead[1].candidates), ahead[1].planned)
+    def _take_claimed(self, answer: tuple[Any, ...]) -> OrderChunk | None:
+        """Take the check process's answer to a claim: the chunk it paired, if any."""
+        if answer[0] == "conflict":  # another program deleted a waiting order: read them again
+            log.info("claim rolled back and tried again: %s", answer[1])
+            return None
+        if answer[0] == "error":
+            self._storage.claim_failed(answer[1], answer[2] if len(answer) > 2 else "")
+            return None
+        _, first, last, order_ids, packed, sizes, rejected, full, waiting, blocked, last_id, _ = answer
+        self.idle = not waiting
+        for order_id, reason, broken in rejected:
+            if broken:  # the check broke rather than refused: logged with its traceback, as refusal()
+                log.error("the built-in check_order raised instead of refusing order %d: %s\n%s",
+                          order_id, reason, broken.rstrip())
+        self._rejected([(order_id, reason) for order_id, reason, _ in rejected])
+        if order_ids or rejected:
+            self._adapt_block(full=full)
+        if order_ids and not blocked and (room := self._budget.room() - sum(sizes)) > 0:
+            self._ask(last_id, room, alone=False)
+        if not order_ids:
+            if blocked:  # the next order does not fit yet: wait for its room, not a poll
+                self._budget.wait_room(blocked, ROOM_WAIT_S)
+            return None
+        return self._chunk(first, last, order_ids, packed, sizes, packed=True)
+
+    def _ask(self, after: int, room: int, *, alone: bool) -> bool:
+        """Ask the check process for the next claim; False if it has ended (claims are made here then)."""
+        assert self.check_process is not None
+        self.asked = self.check_process.ask_claim(after, self._block, room, alone, self._max_bytes)
+        if not self.asked:
+            self._claims_lost()
+        return self.asked
+
+    def _claims_lost(self) -> None:
+        """Give back what the check process, ended now, may have paired without telling.
+
+        Its last claim may have been committed unanswered. Storage.release unpairs every number above
+        the last one claimed here, and lowers the high-water mark to it, so claims made here go on from
+        there. SQLite's write lock orders this after any transaction of the killed process.
+        """
+        self.asked = False
+        self._storage.release(self._reserved_last)
 
     def _plan(self, waiting: list[tuple[int, bytes | None, int]], room: int, *, alone: bool) -> _Plan:
-        """Take the waiting orders in id order while they fit ``room``; refuse those over the size limit.
-
-        ``alone``: nothing is in flight, so a first order larger than the room may go, by itself.
-        """
-        plan = _Plan(full=len(waiting) == self._block)
-        for order_id, payload, size in waiting:
-            if payload is None:  # over the size limit: refused without being read, whatever the room
-                plan.rejected.append((order_id, f"order is {size:,} bytes, over the limit of "
-                                                f"{self._max_bytes:,} bytes"))
-                plan.last_id = order_id
-                continue
-            if plan.planned + size > room and (plan.candidates or not alone):
-                plan.blocked = size
-                break  # the rest waits for room
-            plan.candidates.append((order_id, payload, size))
-            plan.planned += size
-            plan.last_id = order_id
-        plan.waiting = bool(waiting)
-        return plan
+        """Plan a claim of ``waiting`` orders within ``room`` bytes (see :func:`plan_claim`)."""
+        return plan_claim(waiting, self._block, self._max_bytes, room, alone=alone)
 
     def _verdicts(self, plan: _Plan) -> list[Any] | None:
         """Return the check process's verdicts on the plan's orders; None without one (checked here)."""
@@ -510,27 +533,38 @@ class OrderSource:
         except ClaimConflictError as exc:  # another program deleted a waiting order: read them again
             log.info("claim rolled back and tried again: %s", exc)
             return None
+        self._rejected(rejected)
+        self._adapt_block(full=plan.full)
+        if not valid:
+            return None
+        return self._chunk(first, last, [order_id for order_id, _, _ in valid],
+                           [order for _, order, _ in valid], [size for _, _, size in valid], packed=packed)
+
+    def _rejected(self, rejected: Sequence[tuple[int, str]]) -> None:
         for order_id, reason in rejected:
             log.warning("order %d rejected before numbering: %s", order_id, reason,
                         extra={"order": order_id, "reason": reason})
         self.rejected_total += len(rejected)
-        self._adapt_block(full=plan.full)
-        if not valid:
-            return None
+
+    def _chunk(self, first: int, last: int, order_ids: list[int], orders: list[Any], sizes: list[int], *,
+               packed: bool) -> OrderChunk:
+        """Return the chunk of orders just paired with ``first..last``, taking their bytes from the budget.
+
+        ``packed``: the orders are marshal bytes from the check process, each made into its order just
+        before its processor call.
+        """
         if self._storage.contiguous and first != self._reserved_last + 1:
             raise RuntimeError(f"claimed numbers {first}..{last} do not follow {self._reserved_last}; "
                                "is another writer using the database?")
         self._reserved_last = last
-        sizes = [size for _, _, size in valid]
         self._budget.take(sum(sizes))
-        self.claimed_total += len(valid)
+        self.claimed_total += len(order_ids)
         numbers = range(first, last + 1)
-        if packed:  # from the check process: each made into its order just before its processor call
-            return OrderChunk(numbers, PackedRequests(numbers, [order_id for order_id, _, _ in valid],
-                                                      [order for _, order, _ in valid]), sizes)
-        return OrderChunk(numbers, [InvoiceRequest(number, order_id, order)
-                                    for number, (order_id, order, _) in zip(numbers, valid, strict=True)],
-                          sizes)
+        if packed:
+            return OrderChunk(numbers, PackedRequests(numbers, order_ids, orders), sizes)
+        requests = [InvoiceRequest(number, order_id, order)
+                    for number, order_id, order in zip(numbers, order_ids, orders, strict=True)]
+        return OrderChunk(numbers, requests, sizes)
 
     def _adapt_block(self, *, full: bool) -> None:
         """Grow the block while full claims come faster than CLAIM_SECONDS; shrink when they are slow.

@@ -510,22 +510,9 @@ class Storage:
         are the stored bytes (UTF-8, unless a program stored something else). Read on a connection of its
         own, beside the writer's transactions.
         """
-        ids, sizes, joined = self._read(SELECT_WAITING, {"max": max_bytes, "limit": limit, "room": room,
-                                                         "after": after},
-                                        "reading waiting orders")[0]
-        if ids is None:
-            return []
-        waiting: list[tuple[int, bytes | None, int]] = []
-        position = 0
-        for order_id, size in zip(ids.split(","), sizes.split(","), strict=True):
-            size_bytes = int(size)
-            if size_bytes > max_bytes:
-                waiting.append((int(order_id), None, size_bytes))
-                continue
-            waiting.append((int(order_id), joined[position:position + size_bytes], size_bytes))
-            position += size_bytes
-        waiting.sort(key=lambda order: order[0])
-        return waiting
+        return split_waiting(self._read(SELECT_WAITING, {"max": max_bytes, "limit": limit, "room": room,
+                                                         "after": after}, "reading waiting orders")[0],
+                             max_bytes)
 
     def _read(self, statement: str, parameters: Any, doing: str) -> list[Any]:
         """Run a query on the reading connection (the daemon's own, or the only one)."""
@@ -540,13 +527,13 @@ class Storage:
                 raise describe_error(self.path, exc, doing) from exc
 
     @contextlib.contextmanager
-    def claiming(self, limit: int, max_bytes: int, room: int, after: int = 0) -> Iterator[SQLiteClaim]:
-        """One claim: the waiting orders above id ``after`` that begin within ``room`` bytes, then ``pair``.
+    def claiming(self, limit: int, max_bytes: int, room: int) -> Iterator[SQLiteClaim]:
+        """One claim: the waiting orders that begin within ``room`` bytes, then ``pair``.
 
         The read runs on the reading connection, outside the write transaction that pairs them, which
         finds out (ClaimConflictError) if another program deleted one meanwhile.
         """
-        yield SQLiteClaim(self, self.waiting_orders(limit, max_bytes, room, after))
+        yield SQLiteClaim(self, self.waiting_orders(limit, max_bytes, room))
 
     def claim_orders(self, order_ids: Sequence[int],
                      rejected: Sequence[tuple[int, str]]) -> tuple[int, int]:
@@ -556,21 +543,29 @@ class Storage:
         ClaimConflictError, having changed nothing, if an order went away meanwhile (deleted by another
         program while it waited).
         """
-        count = len(order_ids)
+        def claim(cursor: sqlite3.Cursor) -> tuple[int, int]:
+            return pair_orders(cursor, order_ids, rejected)
+        paired: tuple[int, int] = self._write(claim, "claiming orders")
+        return paired
 
-        def claim(cursor: sqlite3.Cursor) -> int:
-            for order_id, reason in rejected:
-                cursor.execute(REJECT_ORDER, (reason, order_id))
-            if not count:
-                return int(cursor.execute(SELECT_MARKS).fetchone()[0])
-            last = int(cursor.execute(RAISE_HIGH_WATER, (count,)).fetchone()[0])
-            cursor.execute(PAIR_ORDERS, (last - count + 1, json.dumps(list(order_ids))))
-            if cursor.rowcount != count:  # deleted (or rejected, paired) by another program meanwhile
-                raise ClaimConflictError(f"{count - cursor.rowcount} of {count} orders went away while "
-                                         "being claimed")
-            return last
-        last: int = self._write(claim, "claiming orders")
-        return last - count + 1, last
+    def claim_database(self) -> tuple[str, str]:
+        """Return what the check process claims with (invoicer.checker): the path and synchronous."""
+        return str(self.path), self._synchronous
+
+    def claim_failed(self, message: str, name: str) -> None:
+        """Report a claim the check process could not make: SQLite's ``message`` and error ``name``.
+
+        Another program's write lock held past the busy timeout is waited out by a patient storage (a
+        warning, and the claim is asked for again); anything else is the StorageError a claim made here
+        would raise.
+        """
+        exc = sqlite3.OperationalError(message)
+        exc.sqlite_errorname = name
+        if self.patient and name in ("SQLITE_BUSY", "SQLITE_LOCKED"):
+            log.warning("database %s is locked by another program (%gs so far); still waiting",
+                        self.path, BUSY_TIMEOUT_S, extra={"waited": BUSY_TIMEOUT_S})
+            return
+        raise describe_error(self.path, exc, "claiming orders")
 
     def paired_orders(self, first: int, last: int) -> list[tuple[int, int, bytes]]:
         """Return (number, order id, payload bytes) of the orders paired with numbers ``first..last``."""
@@ -691,6 +686,44 @@ class Ledger:
             stored.add_numbers(part)
         self._storage.save_batch(batch, stored.through, stored.runs())
         self._stored = stored
+
+
+def split_waiting(row: tuple[Any, Any, Any], max_bytes: int) -> list[tuple[int, bytes | None, int]]:
+    """Return SELECT_WAITING's one row as (id, payload, bytes) of each order (None: over the limit)."""
+    ids, sizes, joined = row
+    if ids is None:
+        return []
+    waiting: list[tuple[int, bytes | None, int]] = []
+    position = 0
+    for order_id, size in zip(ids.split(","), sizes.split(","), strict=True):
+        size_bytes = int(size)
+        if size_bytes > max_bytes:
+            waiting.append((int(order_id), None, size_bytes))
+            continue
+        waiting.append((int(order_id), joined[position:position + size_bytes], size_bytes))
+        position += size_bytes
+    waiting.sort(key=lambda order: order[0])
+    return waiting
+
+
+def pair_orders(cursor: sqlite3.Cursor, order_ids: Sequence[int],
+                rejected: Sequence[tuple[int, str]]) -> tuple[int, int]:
+    """In the caller's transaction: mark ``rejected``, pair ``order_ids`` with the next numbers.
+
+    Returns the first and last number (last < first when none was paired); ClaimConflictError if an
+    order went away meanwhile (the caller rolls back).
+    """
+    count = len(order_ids)
+    for order_id, reason in rejected:
+        cursor.execute(REJECT_ORDER, (reason, order_id))
+    if not count:
+        high_water = int(cursor.execute(SELECT_MARKS).fetchone()[0])
+        return high_water + 1, high_water
+    last = int(cursor.execute(RAISE_HIGH_WATER, (count,)).fetchone()[0])
+    cursor.execute(PAIR_ORDERS, (last - count + 1, json.dumps(list(order_ids))))
+    if cursor.rowcount != count:  # deleted (or rejected, paired) by another program meanwhile
+        raise ClaimConflictError(f"{count - cursor.rowcount} of {count} orders went away while being claimed")
+    return last - count + 1, last
 
 
 def _migrate_runs(cursor: sqlite3.Cursor) -> None:
