@@ -366,6 +366,28 @@ def test_a_check_process_that_stops_answering_is_killed_and_the_daemon_claims(
     assert paired(storage.path) == list(zip(range(1, total + 1), ids, strict=True))
 
 
+class EndsWhenAsked(LocalProcess):
+    """Ends as the claimer asks for the claim after the first: the pipe breaks under the request."""
+
+    def _send(self, value: object, limit: float, what: str) -> bool:
+        if value[0] == "claim" and value[1] > 0:  # type: ignore[index]
+            self.ended = True
+            return False
+        return super()._send(value, limit, what)
+
+
+def test_a_check_process_that_ends_as_the_next_claim_is_asked_for_loses_nothing(storage: Storage) -> None:
+    """The claim just answered is handed out; only numbers above it are given back."""
+    ids = submit(storage.path, [payload(n) for n in range(300)])
+    orders = OrderSource(storage, 0, ByteBudget(1 << 30), check_order, max_order_bytes=LIMIT)
+    orders.check_process = EndsWhenAsked()
+    chunks = claim_all(orders)
+    assert orders.check_process.ended
+    assert [number for chunk in chunks for number in chunk] == list(range(1, 301))
+    assert paired(storage.path) == list(zip(range(1, 301), ids, strict=True))
+    assert storage.recovery_plan().high_water == 300
+
+
 def test_a_claim_the_check_process_paired_and_never_told_is_given_back(
         storage: Storage, process: CheckProcess, caplog: pytest.LogCaptureFixture) -> None:
     """It committed the claim asked for ahead, then died before the answer was read: nothing is lost."""

@@ -455,13 +455,13 @@ class OrderSource:
         self._rejected([(order_id, reason) for order_id, reason, _ in rejected])
         if order_ids or rejected:
             self._adapt_block(full=full)
-        if order_ids and not blocked and (room := self._budget.room() - sum(sizes)) > 0:
+        # Taken first: a failed ask gives back every number above the last one taken.
+        chunk = self._chunk(first, last, order_ids, packed, sizes, packed=True) if order_ids else None
+        if chunk is not None and not blocked and (room := self._budget.room()) > 0:
             self._ask(last_id, room, alone=False)
-        if not order_ids:
-            if blocked:  # the next order does not fit yet: wait for its room, not a poll
-                self._budget.wait_room(blocked, ROOM_WAIT_S)
-            return None
-        return self._chunk(first, last, order_ids, packed, sizes, packed=True)
+        if chunk is None and blocked:  # the next order does not fit yet: wait for its room, not a poll
+            self._budget.wait_room(blocked, ROOM_WAIT_S)
+        return chunk
 
     def _ask(self, after: int, room: int, *, alone: bool) -> bool:
         """Ask the check process for the next claim; False if it has ended (claims are made here then)."""
