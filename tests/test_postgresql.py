@@ -23,7 +23,7 @@ from tests.conftest import REPO, Daemon, daemon_env
 from tests.pg import PASSWORD, free_port, wait_for
 
 psycopg = pytest.importorskip("psycopg")
-from invoicer.storage.postgresql import PostgresStorage  # noqa: E402  # needs psycopg
+from invoicer.storage.postgresql import PostgresStorage, _error  # noqa: E402  # needs psycopg
 
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
@@ -339,6 +339,22 @@ def test_a_paused_instance_is_fenced_and_stores_nothing_it_lost(  # noqa: PLR091
     (other_log,) = stop_all([other])
     assert other_says in other_log
     assert_gap_free(uri)
+
+
+def test_a_session_the_server_ended_for_idling_in_its_transaction_is_a_lost_connection(
+        pg_database: str) -> None:
+    """A paused instance's session ended by idle_in_transaction_session_timeout: exit 75, try again."""
+    with psycopg.connect(pg_database) as connection:
+        connection.execute("SET idle_in_transaction_session_timeout = '50ms'")
+        pid = connection.execute("SELECT pg_backend_pid()").fetchone()[0]
+        # The server ends the session on its own: polled from another session, no event reaches us.
+        assert wait_for(lambda: not query(pg_database, "SELECT 1 FROM pg_stat_activity WHERE pid = %s",
+                                          (pid,)), 10)
+        with pytest.raises(psycopg.Error) as ended:
+            connection.execute("SELECT 1")
+    error = _error(pg_database, ended.value, "reserving invoice numbers")
+    assert error.exit_code == EX_TEMPFAIL
+    assert "the connection was lost while reserving invoice numbers" in str(error)
 
 
 def test_several_first_starts_at_once_create_the_schema_once(

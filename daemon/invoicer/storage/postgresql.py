@@ -264,6 +264,9 @@ def _error(uri: str, exc: BaseException, doing: str = "") -> StorageError:  # no
     text = scrub(" ".join(str(exc).split()), uri)
     if isinstance(exc, TRANSIENT):
         return StorageError(f"database {where}: {text}{during}", EX_TEMPFAIL)
+    # The server ended a session left idle in its transaction (a paused instance): lost, like any other.
+    if isinstance(exc, psycopg.errors.IdleInTransactionSessionTimeout):
+        return StorageError(f"database {where}: the connection was lost{during} ({text})", EX_TEMPFAIL)
     if isinstance(exc, psycopg.OperationalError):
         lowered = text.lower()
         if ("invalid" in lowered and "connection option" in lowered) or "invalid integer value" in lowered:
