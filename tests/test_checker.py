@@ -158,6 +158,7 @@ class LocalProcess(CheckProcess):
         super().__init__()
         self.state: dict[str, sqlite3.Connection] = {}
         self._request: tuple[object, ...] | None = None
+        self._frames: list[object] = []  # what the request made the process say, in order
         self.after = -1  # where the claim under way reads from
 
     def _send(self, value: object, limit: float, what: str) -> bool:
@@ -165,11 +166,15 @@ class LocalProcess(CheckProcess):
         return True
 
     def _receive(self, limit: float) -> object:
-        request, self._request = self._request, None
-        assert request is not None
-        if request[0] == "claim":
-            self.after = request[1]  # type: ignore[assignment]
-        return answer_request(request, self.state)
+        if not self._frames:
+            request, self._request = self._request, None
+            assert request is not None
+            if request[0] == "claim":
+                self.after = request[1]  # type: ignore[assignment]
+            said: list[object] = []
+            final = answer_request(request, self.state, said.append)
+            self._frames = [*said, final]
+        return self._frames.pop(0)
 
 
 @pytest.mark.parametrize("which", ["the first claim", "the claim asked for ahead"])
@@ -312,8 +317,9 @@ def test_a_stop_signal_to_the_whole_group_drains_and_ends_the_check_process(
     assert len(assert_one_invoice_per_order(database)) == total
 
 
-def test_a_block_read_ahead_keeps_within_the_byte_budget(storage: Storage, process: CheckProcess) -> None:
-    """The block being paired is in flight too: an order larger than what is left waits for room."""
+def test_a_claim_asked_for_ahead_keeps_within_the_byte_budget(
+        storage: Storage, process: CheckProcess) -> None:
+    """The block just claimed is in flight too: an order larger than what is left waits for room."""
     small = [payload(n) for n in range(64)]
     large = json.dumps({**demo_order(1), "lines": [{"description": "x" * 400, "quantity": 1,
                                                      "unit_price": "1.00", "tax_rate": "0.19"}] * 200})
@@ -344,11 +350,9 @@ def test_a_check_process_that_stops_answering_is_killed_and_the_daemon_claims(
         caplog: pytest.LogCaptureFixture, when: str) -> None:
     """Stopped (SIGSTOP), it answers nothing more: killed at the deadline, the claims go on here."""
     monkeypatch.setattr("invoicer.checker.ANSWER_S", 0.5)
-    monkeypatch.setattr("invoicer.checker.BUSY_TIMEOUT_S", 0.0)
     total = 3_000
     ids = submit(storage.path, [payload(n) for n in range(total)])
-    # The deadline grows with what a claim may hold (a second per 4 MiB of room and of the size limit).
-    orders = OrderSource(storage, 0, ByteBudget(2 << 20), check_order, max_order_bytes=1 << 20)
+    orders = OrderSource(storage, 0, ByteBudget(1 << 30), check_order, max_order_bytes=LIMIT)
     orders.check_process = process
     pid = process.pid
     assert pid is not None
@@ -388,6 +392,35 @@ def test_a_check_process_that_ends_as_the_next_claim_is_asked_for_loses_nothing(
     assert storage.recovery_plan().high_water == 300
 
 
+class Garbles(LocalProcess):
+    """Answers its first claim with ``wrong`` in place of one field: as a broken process might."""
+
+    def __init__(self, field: int, wrong: object) -> None:
+        super().__init__()
+        self.field, self.wrong = field, wrong
+
+    def _receive(self, limit: float) -> object:
+        said = super()._receive(limit)
+        if type(said) is tuple and said[0] == "claimed" and self.field:
+            said = (*said[:self.field], self.wrong, *said[self.field + 1:])
+            self.field = 0
+        return said
+
+
+@pytest.mark.parametrize(("field", "wrong"), [(1, "1"), (6, None), (3, [1.5]), (4, ["text"]), (7, 1)])
+def test_a_claim_answered_in_the_wrong_shape_gives_the_check_process_up_and_loses_nothing(
+        storage: Storage, caplog: pytest.LogCaptureFixture, field: int, wrong: object) -> None:
+    ids = submit(storage.path, [payload(n) for n in range(200)])
+    orders = OrderSource(storage, 0, ByteBudget(1 << 30), check_order, max_order_bytes=LIMIT)
+    orders.check_process = process = Garbles(field, wrong)
+    with caplog.at_level(logging.WARNING, logger="invoicer"):
+        chunks = claim_all(orders)
+    assert process.ended
+    assert "an answer with the wrong shape for a claim ('claimed')" in caplog.text
+    assert [number for chunk in chunks for number in chunk] == list(range(1, 201))
+    assert paired(storage.path) == list(zip(range(1, 201), ids, strict=True))
+
+
 def test_a_claim_the_check_process_paired_and_never_told_is_given_back(
         storage: Storage, process: CheckProcess, caplog: pytest.LogCaptureFixture) -> None:
     """It committed the claim asked for ahead, then died before the answer was read: nothing is lost."""
@@ -412,25 +445,42 @@ def test_a_claim_the_check_process_paired_and_never_told_is_given_back(
     assert storage.recovery_plan().high_water == 1_000
 
 
+@pytest.mark.parametrize("patient", [True, False])
 def test_another_programs_write_lock_is_waited_out_by_a_claim_in_the_check_process(
-        storage: Storage, process: CheckProcess, caplog: pytest.LogCaptureFixture) -> None:
-    """Held past the busy timeout: the running daemon warns and asks again, as for its own writes."""
+        storage: Storage, process: CheckProcess, caplog: pytest.LogCaptureFixture, patient: bool) -> None:
+    """Held past the busy timeout: a running daemon warns and asks again, one starting or draining gives up.
+
+    The check process gives up on the lock after CLAIM_BUSY_S (1 s, real); the claimer's clock (fake) says
+    how long the lock has lasted, 3 s more at each look.
+    """
     ids = submit(storage.path, [payload(n) for n in range(100)])
-    orders = OrderSource(storage, 0, ByteBudget(1 << 30), check_order, max_order_bytes=LIMIT)
+    now = iter(range(1_000, 4_000, 3))
+    orders = OrderSource(storage, 0, ByteBudget(1 << 30), check_order, max_order_bytes=LIMIT,
+                         clock=lambda: float(next(now)))
     orders.check_process = process
-    storage.patient = True
+    storage.patient = patient
     blocker = sqlite3.connect(storage.path, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
     try:
         with caplog.at_level(logging.WARNING, logger="invoicer"):
-            assert orders.take(10_000) is None  # the claim waited out the busy timeout, and failed
+            assert orders.take(10_000) is None  # 1 s of the lock: asked again, nothing said
+            assert "locked" not in caplog.text
+            assert not orders.idle  # orders wait: STATUS must not say idle
+            assert orders._locked_since > 0  # the health check counts the claim as under way since then
+            assert orders.take(10_000) is None  # 4 s of it by the fake clock: still quiet
+            if not patient:  # 7 s: past the busy timeout
+                with pytest.raises(StorageError, match="is locked by another program and stayed locked"):
+                    orders.take(10_000)
+                return
+            assert orders.take(10_000) is None  # 7 s: said once
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
-    assert re.search(r"database .* is locked by another program \([0-9.]+s so far\); still waiting",
-                     caplog.text)
+    assert re.findall(r"database .* is locked by another program \(([0-9]+)s so far\); still waiting",
+                      caplog.text) == ["7"]
     assert not process.ended
     claim_all(orders)
+    assert orders._locked_since == 0
     assert paired(storage.path) == list(zip(range(1, 101), ids, strict=True))
 
 
@@ -441,6 +491,33 @@ def test_a_claim_that_fails_in_the_check_process_fails_as_one_made_here(storage:
     assert locked.value.exit_code == EX_TEMPFAIL
     with pytest.raises(StorageError, match=r"the disk is full while claiming orders"):
         storage.claim_failed("database or disk is full", "SQLITE_FULL")
+
+
+def test_the_refusals_in_a_claim_asked_for_ahead_are_logged_at_a_stop(
+        storage: Storage, caplog: pytest.LogCaptureFixture) -> None:
+    """The claim under way in the check process at a stop is committed; its refusals are said, once."""
+    texts: list[str | bytes] = [payload(n) for n in range(3_000)]
+    for position in range(25, 3_000, 50):
+        texts[position] = b"{not json"
+    ids = submit(storage.path, texts)
+    orders = OrderSource(storage, 0, ByteBudget(1 << 30), check_order, max_order_bytes=LIMIT)
+    with caplog.at_level(logging.WARNING, logger="invoicer"):
+        orders.start()  # the claimer thread, with a check process of its own
+        taken = None
+        while taken is None:
+            taken = orders.take(64)  # waits for the claimer, IDLE_POLL_S at a time
+        orders.stop()
+        assert orders.join(30)
+    storage.release(orders.last_issued)  # as the drain does
+    rejected = [order_id for order_id, _, _ in storage.rejected_orders()]
+    assert rejected[:3] == [ids[25], ids[75], ids[125]]  # the claim asked for ahead was made and answered
+    logged = [int(found) for found in re.findall(r"order (\d+) rejected before numbering", caplog.text)]
+    assert logged == rejected
+    assert orders.rejected_total == len(rejected)
+    assert orders.check_process is not None
+    assert orders.check_process.ended is False  # closed at the stop, not given up
+    valid = [order_id for order_id, text in zip(ids, texts, strict=True) if text != b"{not json"]
+    assert paired(storage.path) == list(zip(range(1, len(taken) + 1), valid[:len(taken)], strict=True))
 
 
 def test_a_check_process_that_takes_no_orders_is_killed_at_the_deadline(

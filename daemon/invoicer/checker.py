@@ -21,8 +21,9 @@ claims and checks in its own process from then on: slower, never different.
 Frames on both pipes are an 8-byte length and a ``marshal`` dump. In: ``("check", max_bytes, [payload,
 ...])``, ``("open", database, synchronous)`` or ``("claim", after, block, room, alone, max_bytes)``. Out,
 in the same order: ``[(True, order_bytes) | (False, reason, traceback), ...]`` (``traceback``: empty,
-unless the check raised something other than InvalidOrder); ``("opened",)``; a :data:`Claimed` tuple,
-``("conflict", why)``; or, for either of the last two, ``("error", message, sqlite_errorname)``.
+unless the check raised something other than InvalidOrder); ``("opened",)``; for a claim,
+``("read", bytes)`` once it has read, then a :data:`Claimed` tuple or ``("conflict", why, "")``; or,
+for either of the last two, ``("error", message, sqlite_errorname)``.
 """
 
 from __future__ import annotations
@@ -41,12 +42,11 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, overload
 
 from invoicer.processing import InvoiceRequest
-from invoicer.storage.sqlite import BUSY_TIMEOUT_S
 
 log = logging.getLogger("invoicer")
 
@@ -54,6 +54,10 @@ _LENGTH = struct.Struct("<Q")
 PIPE_BYTES = 1 << 20  # the default /proc/sys/fs/pipe-max-size
 CLOSE_TIMEOUT_S = 5.0  # a check process that does not end at EOF within this is killed
 ANSWER_S = 5.0  # ... nor takes or answers a claim within this, and a second per 4 MiB of its orders
+# A claim waits this long for another connection's write lock, then answers SQLITE_BUSY and the claimer
+# asks again: a hung process is then told from a long lock within ANSWER_S + CLAIM_BUSY_S (and the
+# bytes read), below the daemon's 10 s stall limit, and the claimer sees how long the lock has lasted.
+CLAIM_BUSY_S = 1.0
 MAX_FRAME = 2 << 30  # a longer length is a garbled frame (claims are capped at 512 MiB of payloads)
 PR_SET_PDEATHSIG = 1  # prctl(2)
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}  # a stop or reload is the daemon's to act on
@@ -61,9 +65,10 @@ STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}  # a stop or reloa
 # One answer: (True, marshal bytes of the order) or (False, reason, traceback of a broken check or '').
 Verdict = tuple[Any, ...]
 # A claim's answer: ("claimed", first, last, [order id], [order bytes], [payload size],
-# [(order id, reason, traceback)], full, waiting, blocked, last_id, planned), the names as in _Plan.
+# [(order id, reason, traceback)], full, waiting, blocked, last_id), the names as in _Plan. It follows
+# ("read", bytes): what the claim read, sent before checking, which the answer's deadline follows.
 Claimed = tuple[Any, ...]
-CLAIMED_FIELDS = 12
+CLAIMED_FIELDS = 11
 
 
 def _read_within(fd: int, deadline: float | None) -> Any:
@@ -112,6 +117,22 @@ def _write_within(fd: int, value: Any, deadline: float | None) -> None:
             done += os.write(fd, view[done:done + PIPE_BYTES])
 
 
+def _well_formed(answer: tuple[Any, ...]) -> bool:
+    """Whether a "claimed" answer has the fields and types of one (a wrong one must not be handed out)."""
+    if len(answer) != CLAIMED_FIELDS:
+        return False
+    _, first, last, order_ids, packed, sizes, rejected, full, waiting, blocked, last_id = answer
+    return (all(type(number) is int for number in (first, last, blocked, last_id))
+            and all(type(flag) is bool for flag in (full, waiting))
+            and all(type(part) is list for part in (order_ids, packed, sizes, rejected))
+            and len(order_ids) == len(packed) == len(sizes) == last - first + 1
+            and all(type(order_id) is int for order_id in order_ids)
+            and all(type(order) is bytes for order in packed)
+            and all(type(size) is int for size in sizes)
+            and all(type(refused) is tuple and len(refused) == 3 and type(refused[0]) is int
+                    and type(refused[1]) is str and type(refused[2]) is str for refused in rejected))
+
+
 def _limit(size: int) -> float:
     """Seconds the check process has to take, or to answer, a claim of ``size`` bytes."""
     return ANSWER_S + size / (4 << 20)
@@ -157,7 +178,6 @@ class CheckProcess:
     def __init__(self) -> None:
         self._process: subprocess.Popen[bytes] | None = None
         self._answers: int | None = None  # the read end of the pipe the answers come on
-        self._asked = 0  # the byte bound of the claim asked for
         self.ended = False  # it could not be started, or it ended: the daemon checks in-process
         self.database: str | None = None  # the SQLite database it claims from (None: it only checks)
 
@@ -237,30 +257,28 @@ class CheckProcess:
 
     def ask_claim(self, after: int, block: int, room: int, alone: bool, max_bytes: int) -> bool:
         """Ask for a claim (see :func:`claim`), answered by ``claimed``; False if the process has ended."""
-        self._asked = room + max_bytes  # the most its answer can hold
         return self._send(("claim", after, block, room, alone, max_bytes), ANSWER_S, "a claim")
 
     def claimed(self) -> Claimed | None:
         """Return the answer to the claim asked for: Claimed, a conflict or an error; None if it ended.
 
-        A claim may wait for another program's write lock for the busy timeout: a process that has not
-        answered within that, ANSWER_S and a second per 4 MiB of orders is hung, and killed.
+        A process that has not said what it read within ANSWER_S, or answered within ANSWER_S,
+        CLAIM_BUSY_S and a second per 4 MiB read, is hung, and killed.
         """
-        answer = self._receive(_limit(self._asked) + BUSY_TIMEOUT_S)
+        answer = self._receive(ANSWER_S)
+        if type(answer) is tuple and len(answer) == 2 and answer[0] == "read" and type(answer[1]) is int:
+            answer = self._receive(_limit(answer[1]) + CLAIM_BUSY_S)
         if answer is None:
             return None
         if type(answer) is not tuple or not answer:
             self._give_up(f"an answer that is not a claim ({type(answer).__name__})", kill=True)
             return None
-        if answer[0] == "claimed":
-            if len(answer) != CLAIMED_FIELDS or not (
-                    len(answer[3]) == len(answer[4]) == len(answer[5]) == answer[2] - answer[1] + 1):
-                self._give_up("an answer with the wrong shape for a claim", kill=True)
-                return None
+        if answer[0] == "claimed" and _well_formed(answer):
             return answer
-        if answer[0] in ("conflict", "error") and len(answer) >= 2:
+        if answer[0] in ("conflict", "error") and len(answer) == 3 and all(type(part) is str
+                                                                             for part in answer):
             return answer
-        self._give_up(f"an answer that is not a claim ({answer[0]!r})", kill=True)
+        self._give_up(f"an answer with the wrong shape for a claim ({str(answer[0])[:40]!r})", kill=True)
         return None
 
     def _send(self, value: Any, limit: float, what: str) -> bool:
@@ -345,11 +363,12 @@ def verdicts(payloads: Sequence[bytes | str], max_bytes: int) -> list[Verdict]:
 
 
 def claim(connection: sqlite3.Connection, after: int, block: int, room: int, *, alone: bool,
-          max_bytes: int) -> Claimed | tuple[str, ...]:
+          max_bytes: int, say: Callable[[Any], None]) -> Claimed | tuple[str, ...]:
     """Claim as the daemon's claimer does on SQLite: read, plan, check, pair; return the answer.
 
     The waiting orders after id ``after`` are read outside the transaction that pairs them, which is
-    rolled back if another program deleted one meanwhile (the answer is then a conflict).
+    rolled back if another program deleted one meanwhile (the answer is then a conflict). What was read
+    is told (``say``) before the orders are checked.
     """
     from invoicer.intake import plan_claim  # noqa: PLC0415  # intake imports this module
     from invoicer.storage import ClaimConflictError  # noqa: PLC0415
@@ -359,6 +378,7 @@ def claim(connection: sqlite3.Connection, after: int, block: int, room: int, *, 
         waiting = backend.split_waiting(connection.execute(backend.SELECT_WAITING, {
             "max": max_bytes, "limit": block, "room": room, "after": after}).fetchone(), max_bytes)
         plan = plan_claim(waiting, block, max_bytes, room, alone=alone)
+        say(("read", plan.planned))
         rejected = [(order_id, reason, "") for order_id, reason in plan.rejected]
         order_ids: list[int] = []
         packed: list[bytes] = []
@@ -383,24 +403,24 @@ def claim(connection: sqlite3.Connection, after: int, block: int, room: int, *, 
                 raise
             connection.execute("COMMIT")
     except ClaimConflictError as exc:
-        return ("conflict", str(exc))
+        return ("conflict", str(exc), "")
     except sqlite3.Error as exc:
         with contextlib.suppress(sqlite3.Error):
             connection.execute("ROLLBACK")
         return ("error", str(exc), getattr(exc, "sqlite_errorname", ""))
     return ("claimed", first, last, order_ids, packed, sizes, rejected, plan.full, plan.waiting,
-            plan.blocked, plan.last_id, plan.planned)
+            plan.blocked, plan.last_id)
 
 
 def open_database(database: str, synchronous: str) -> sqlite3.Connection:
     """Open the connection claims run on: autocommit (transactions are explicit), the daemon's durability."""
-    connection = sqlite3.connect(database, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    connection = sqlite3.connect(database, timeout=CLAIM_BUSY_S, isolation_level=None)
     connection.execute(f"PRAGMA synchronous={synchronous}")
     return connection
 
 
-def answer(request: tuple[Any, ...], state: dict[str, sqlite3.Connection]) -> Any:
-    """Answer one request frame (``state`` holds the connection, once opened)."""
+def answer(request: tuple[Any, ...], state: dict[str, sqlite3.Connection], say: Callable[[Any], None]) -> Any:
+    """Answer one request frame (``state`` holds the connection, once opened; ``say`` sends a frame first)."""
     kind = request[0]
     if kind == "check":
         return verdicts(request[2], request[1])
@@ -414,7 +434,7 @@ def answer(request: tuple[Any, ...], state: dict[str, sqlite3.Connection]) -> An
         if "connection" not in state:
             return ("error", "no database is open to claim from", "")
         after, block, room, alone, max_bytes = request[1:]
-        return claim(state["connection"], after, block, room, alone=alone, max_bytes=max_bytes)
+        return claim(state["connection"], after, block, room, alone=alone, max_bytes=max_bytes, say=say)
     return ("error", f"unknown request {kind!r}", "")
 
 
@@ -431,9 +451,12 @@ def main() -> int:
         return 0  # the daemon ended before the line above
     answers = int(sys.argv[2]) if len(sys.argv) > 2 else 1
     state: dict[str, sqlite3.Connection] = {}
+
+    def say(value: Any) -> None:
+        _write_within(answers, value, None)
     try:
         while True:
-            _write_within(answers, answer(_read_within(0, None), state), None)
+            say(answer(_read_within(0, None), state, say))
     except (EOFError, BrokenPipeError):  # the daemon closed its end: it has stopped, or stops
         return 0
 

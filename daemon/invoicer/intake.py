@@ -24,11 +24,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, overload
 
-from invoicer.checker import CheckProcess, PackedRequests
+from invoicer.checker import CLAIM_BUSY_S, CheckProcess, PackedRequests
 from invoicer.generator import InvoiceNumberGenerator
 from invoicer.orders import InvalidOrder, check_order
 from invoicer.processing import InvoiceRequest
-from invoicer.storage import Batch, ClaimConflictError, Row, StorageError
+from invoicer.storage import BUSY_TIMEOUT_S, Batch, ClaimConflictError, Row, StorageError
 
 Storage = Any  # a backend of invoicer.storage (SQLite's Storage, PostgresStorage)
 
@@ -290,6 +290,8 @@ class OrderSource:
         # which on SQLite makes the claims too.
         self.check_process: CheckProcess | None = None
         self.asked = False  # the check process is making the next claim
+        self._locked_since = 0.0  # when its claims first met another connection's write lock (0: not)
+        self._lock_told = 0.0     # how long that lock had lasted when last said
         self.idle = False           # the last look found no order waiting
         self.busy_since = 0.0       # monotonic start of the claim under way (0: none)
         self.claimed_total = 0
@@ -329,9 +331,9 @@ class OrderSource:
                     self._changed.wait_for(lambda: not self._ready or self._stop.is_set())
                 if self._stop.is_set():
                     return
-                self.busy_since = self._clock()
+                self.busy_since = self._locked_since or self._clock()
                 block = self._claim()
-                self.busy_since = 0.0
+                self.busy_since = self._locked_since  # 0 unless another connection's lock holds claims up
                 if block is None:  # nothing waiting, or no room in the byte budget: look again soon
                     self._stop.wait(IDLE_POLL_S)
                     continue
@@ -344,6 +346,8 @@ class OrderSource:
             self._on_fatal("claimer", exc)
         finally:
             if self.check_process is not None:
+                if self._stop.is_set():
+                    self._settle()
                 self.check_process.close()
 
     def take(self, limit: int) -> OrderChunk | None:
@@ -440,19 +444,20 @@ class OrderSource:
 
     def _take_claimed(self, answer: tuple[Any, ...]) -> OrderChunk | None:
         """Take the check process's answer to a claim: the chunk it paired, if any."""
+        if answer[0] == "error" and answer[2] in ("SQLITE_BUSY", "SQLITE_LOCKED"):
+            self._wait_for_lock(answer[1], answer[2])
+            return None
+        self._locked_since = self._lock_told = 0.0
         if answer[0] == "conflict":  # another program deleted a waiting order: read them again
             log.info("claim rolled back and tried again: %s", answer[1])
             return None
         if answer[0] == "error":
-            self._storage.claim_failed(answer[1], answer[2] if len(answer) > 2 else "")
+            self.idle = False
+            self._storage.claim_failed(answer[1], answer[2])
             return None
-        _, first, last, order_ids, packed, sizes, rejected, full, waiting, blocked, last_id, _ = answer
+        _, first, last, order_ids, packed, sizes, rejected, full, waiting, blocked, last_id = answer
         self.idle = not waiting
-        for order_id, reason, broken in rejected:
-            if broken:  # the check broke rather than refused: logged with its traceback, as refusal()
-                log.error("the built-in check_order raised instead of refusing order %d: %s\n%s",
-                          order_id, reason, broken.rstrip())
-        self._rejected([(order_id, reason) for order_id, reason, _ in rejected])
+        self._refused(rejected)
         if order_ids or rejected:
             self._adapt_block(full=full)
         # Taken first: a failed ask gives back every number above the last one taken.
@@ -462,6 +467,46 @@ class OrderSource:
         if chunk is None and blocked:  # the next order does not fit yet: wait for its room, not a poll
             self._budget.wait_room(blocked, ROOM_WAIT_S)
         return chunk
+
+    def _refused(self, rejected: list[tuple[int, str, str]]) -> None:
+        """Log and count the orders a claim of the check process refused (with a broken check's traceback)."""
+        for order_id, reason, broken in rejected:
+            if broken:  # the check broke rather than refused: logged with its traceback, as refusal()
+                log.error("the built-in check_order raised instead of refusing order %d: %s\n%s",
+                          order_id, reason, broken.rstrip())
+        self._rejected([(order_id, reason) for order_id, reason, _ in rejected])
+
+    def _wait_for_lock(self, message: str, name: str) -> None:
+        """Another connection held the write lock past CLAIM_BUSY_S: ask again, as a busy timeout would.
+
+        The claim counts as under way since the lock was first met (the health check sees a long one), a
+        running daemon says so every BUSY_TIMEOUT_S it lasts, and one starting or draining gives up then
+        (Storage.claim_failed), as for its own writes.
+        """
+        now = self._clock()
+        if not self._locked_since:
+            self._locked_since = now - CLAIM_BUSY_S
+        self.idle = False
+        waited = now - self._locked_since
+        if waited >= self._lock_told + BUSY_TIMEOUT_S:
+            self._lock_told = waited
+            self._storage.claim_failed(message, name, waited)
+
+    def _settle(self) -> None:
+        """At a stop: take the answer to the claim asked for, for its refusals (its pairing is given back).
+
+        Its numbers count as claimed until Storage.release unpairs them.
+        """
+        process = self.check_process
+        if not self.asked or process is None or process.ended:
+            return
+        self.asked = False
+        answer = process.claimed()
+        if answer is None or answer[0] != "claimed":
+            return
+        self._refused(answer[6])
+        if answer[3]:
+            self._reserved_last = answer[2]
 
     def _ask(self, after: int, room: int, *, alone: bool) -> bool:
         """Ask the check process for the next claim; False if it has ended (claims are made here then)."""

@@ -502,16 +502,16 @@ class Storage:
 
     # -- orders -------------------------------------------------------------------------------------------
 
-    def waiting_orders(self, limit: int, max_bytes: int, room: int = 1 << 62,
-                       after: int = 0) -> list[tuple[int, bytes | None, int]]:
+    def waiting_orders(self, limit: int, max_bytes: int,
+                       room: int = 1 << 62) -> list[tuple[int, bytes | None, int]]:
         """Return (id, payload, bytes) of waiting orders, oldest first (payload None: over ``max_bytes``).
 
-        At most ``limit`` orders with ids above ``after``, those that begin within ``room`` bytes. Payloads
-        are the stored bytes (UTF-8, unless a program stored something else). Read on a connection of its
-        own, beside the writer's transactions.
+        At most ``limit`` orders, those that begin within ``room`` bytes. Payloads are the stored bytes
+        (UTF-8, unless a program stored something else). Read on a connection of its own, beside the
+        writer's transactions. (The check process reads on after a given id: invoicer.checker.claim.)
         """
         return split_waiting(self._read(SELECT_WAITING, {"max": max_bytes, "limit": limit, "room": room,
-                                                         "after": after}, "reading waiting orders")[0],
+                                                         "after": 0}, "reading waiting orders")[0],
                              max_bytes)
 
     def _read(self, statement: str, parameters: Any, doing: str) -> list[Any]:
@@ -552,18 +552,18 @@ class Storage:
         """Return what the check process claims with (invoicer.checker): the path and synchronous."""
         return str(self.path), self._synchronous
 
-    def claim_failed(self, message: str, name: str) -> None:
+    def claim_failed(self, message: str, name: str, waited: float = 0.0) -> None:
         """Report a claim the check process could not make: SQLite's ``message`` and error ``name``.
 
-        Another program's write lock held past the busy timeout is waited out by a patient storage (a
-        warning, and the claim is asked for again); anything else is the StorageError a claim made here
+        Another connection's write lock, held ``waited`` seconds so far, is waited out by a patient storage
+        (a warning; the claim is asked for again); anything else is the StorageError a claim made here
         would raise.
         """
         exc = sqlite3.OperationalError(message)
         exc.sqlite_errorname = name
         if self.patient and name in ("SQLITE_BUSY", "SQLITE_LOCKED"):
             log.warning("database %s is locked by another program (%gs so far); still waiting",
-                        self.path, BUSY_TIMEOUT_S, extra={"waited": BUSY_TIMEOUT_S})
+                        self.path, round(waited), extra={"waited": round(waited)})
             return
         raise describe_error(self.path, exc, "claiming orders")
 
