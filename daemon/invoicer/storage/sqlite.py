@@ -297,6 +297,7 @@ class Storage:
         # closing); nobody holds it while doing anything but SQLite work.
         self._lock = threading.Lock()
         self._connection: sqlite3.Connection | None = None
+        self._writing = False  # a transaction of _connection is under way, its COMMIT included
         self._lock_fd: int | None = None
         self._rows_per_statement = 1
 
@@ -413,14 +414,18 @@ class Storage:
             if self._connection is None:
                 raise StorageError(f"database {self.path} is not open")
             cursor = self._connection.cursor()
-            self._begin(cursor)
+            self._writing = True
             try:
-                yield cursor
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    cursor.execute("ROLLBACK")
-                raise
-            cursor.execute("COMMIT")
+                self._begin(cursor)
+                try:
+                    yield cursor
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        cursor.execute("ROLLBACK")
+                    raise
+                cursor.execute("COMMIT")
+            finally:
+                self._writing = False
 
     def _begin(self, cursor: sqlite3.Cursor) -> None:
         """BEGIN IMMEDIATE; a patient storage waits out another program's write lock, however long."""
@@ -556,11 +561,14 @@ class Storage:
         """Report a claim the check process could not make: SQLite's ``message`` and error ``name``.
 
         Another connection's write lock, held ``waited`` seconds so far, is waited out by a patient storage
-        (a warning; the claim is asked for again); anything else is the StorageError a claim made here
-        would raise.
+        (a warning; the claim is asked for again), and silently while this daemon's own connection is in
+        a transaction (its writer reports a long one); anything else is the StorageError a claim made
+        here would raise.
         """
         exc = sqlite3.OperationalError(message)
         exc.sqlite_errorname = name
+        if name in ("SQLITE_BUSY", "SQLITE_LOCKED") and self._writing:
+            return  # the lock is this daemon's own transaction (a commit on a stalled disk, say): reported
         if self.patient and name in ("SQLITE_BUSY", "SQLITE_LOCKED"):
             log.warning("database %s is locked by another program (%gs so far); still waiting",
                         self.path, round(waited), extra={"waited": round(waited)})
