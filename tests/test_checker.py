@@ -466,7 +466,7 @@ def test_another_programs_write_lock_is_waited_out_by_a_claim_in_the_check_proce
             assert orders.take(10_000) is None  # 1 s of the lock: asked again, nothing said
             assert "locked" not in caplog.text
             assert not orders.idle  # orders wait: STATUS must not say idle
-            assert orders._locked_since > 0  # the health check counts the claim as under way since then
+            assert orders._locked_since == 999  # the health check counts the claim as under way since then
             assert orders.take(10_000) is None  # 4 s of it by the fake clock: still quiet
             if not patient:  # 7 s: past the busy timeout
                 with pytest.raises(StorageError, match="is locked by another program and stayed locked"):
@@ -480,7 +480,32 @@ def test_another_programs_write_lock_is_waited_out_by_a_claim_in_the_check_proce
                       caplog.text) == ["7"]
     assert not process.ended
     claim_all(orders)
-    assert orders._locked_since == 0
+    assert orders._locked_since is None
+    assert paired(storage.path) == list(zip(range(1, 101), ids, strict=True))
+
+
+def test_a_lock_met_before_the_check_process_ends_is_forgotten_with_it(
+        storage: Storage, process: CheckProcess) -> None:
+    """Claims made here afterwards must not count as held up since then (a stall reported forever)."""
+    ids = submit(storage.path, [payload(n) for n in range(100)])
+    now = iter(range(1_000, 4_000, 3))
+    orders = OrderSource(storage, 0, ByteBudget(1 << 30), check_order, max_order_bytes=LIMIT,
+                         clock=lambda: float(next(now)))
+    orders.check_process = process
+    storage.patient = True
+    blocker = sqlite3.connect(storage.path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        assert orders.take(10_000) is None
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert orders._locked_since is not None
+    assert process.pid is not None
+    os.kill(process.pid, signal.SIGKILL)
+    claim_all(orders)
+    assert process.ended
+    assert orders._locked_since is None
     assert paired(storage.path) == list(zip(range(1, 101), ids, strict=True))
 
 
@@ -518,6 +543,39 @@ def test_the_refusals_in_a_claim_asked_for_ahead_are_logged_at_a_stop(
     assert orders.check_process.ended is False  # closed at the stop, not given up
     valid = [order_id for order_id, text in zip(ids, texts, strict=True) if text != b"{not json"]
     assert paired(storage.path) == list(zip(range(1, len(taken) + 1), valid[:len(taken)], strict=True))
+
+
+def test_after_a_stop_no_claim_is_asked_for_and_a_hung_one_is_waited_for_briefly(
+        storage: Storage, process: CheckProcess, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr("invoicer.intake.ANSWER_S", 0.5)
+    submit(storage.path, [payload(n) for n in range(1_000)])
+    orders = OrderSource(storage, 0, ByteBudget(1 << 30), check_order, max_order_bytes=LIMIT)
+    orders.check_process = process
+    assert orders.take(64) is not None  # the first claim, and the next asked for
+    orders.stop()
+    asked: list[object] = []
+    ask_claim = process.ask_claim
+
+    def spy(*arguments: object) -> bool:
+        asked.append(arguments)
+        return ask_claim(*arguments)  # type: ignore[arg-type]
+
+    process.ask_claim = spy  # type: ignore[method-assign,assignment]
+    assert orders.take(64) is not None  # the claim asked for before the stop is taken ...
+    assert not asked  # ... and no other asked for
+    assert not orders.asked
+    orders.asked = True  # as if one were under way: the process hangs
+    pid = process.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="invoicer"):
+        orders._settle()
+    assert time.monotonic() - started < 2.0  # not the whole claim deadline
+    assert "the order check process did not answer at the stop" in caplog.text
+    assert "from now on" not in caplog.text
+    wait_gone(pid)
 
 
 def test_a_check_process_that_takes_no_orders_is_killed_at_the_deadline(

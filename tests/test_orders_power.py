@@ -81,6 +81,8 @@ def test_a_frozen_disk_holds_claims_up_and_they_go_on_after_the_thaw(
     messages_until(daemon, lambda m: bool((found := stalled.search(m)) and int(found[1]) >= 15), 60)
     faultfs.client.thaw()
     daemon.wait_stored(TOTAL, timeout=120)
+    # Healthy again: the stall report clears (a lock met before the thaw must not keep it).
+    messages_until(daemon, lambda m: "STATUS=" in m and "stalled" not in m, 30)
     daemon.signal()
     code, output = daemon.wait()
     assert code == 0, output[-3000:]

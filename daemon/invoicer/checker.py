@@ -33,6 +33,7 @@ import ctypes
 import fcntl
 import logging
 import marshal
+import math
 import os
 import select
 import signal
@@ -179,6 +180,8 @@ class CheckProcess:
         self._answers: int | None = None  # the read end of the pipe the answers come on
         self.ended = False  # it could not be started, or it ended: the daemon checks in-process
         self.database: str | None = None  # the SQLite database it claims from (None: it only checks)
+        self._started = 0.0  # when the exchange under way began (monotonic)
+        self.stopping = False  # the daemon stops: a process given up now is not replaced by claims here
 
     def start(self) -> bool:
         """Start the process; False (said once, in the log) if it cannot be started."""
@@ -222,13 +225,13 @@ class CheckProcess:
     def check(self, payloads: Sequence[bytes | str], max_bytes: int) -> list[Verdict] | None:
         """Return the verdicts on ``payloads``, in order; None if the process has ended (check in-process).
 
-        A process that does not take them, or answer, within ANSWER_S (plus a second per 4 MiB) is
+        A process that has not taken them and answered within ANSWER_S (plus a second per 4 MiB) is
         killed: hung.
         """
-        limit = _limit(sum(len(payload) for payload in payloads))
-        if not self._send(("check", max_bytes, list(payloads)), limit, "a claim's orders"):
+        deadline = self._start(_limit(sum(len(payload) for payload in payloads)))
+        if not self._send(("check", max_bytes, list(payloads)), deadline, "a claim's orders"):
             return None
-        verdicts = self._receive(limit)
+        verdicts = self._receive(deadline)
         if verdicts is None:
             return None
         if type(verdicts) is not list or not all(type(verdict) is tuple and len(verdict) >= 2
@@ -242,9 +245,10 @@ class CheckProcess:
 
     def open_database(self, database: str, synchronous: str) -> bool:
         """Have the process claim orders from SQLite ``database`` too; False if it cannot (it has ended)."""
-        if not self._send(("open", database, synchronous), ANSWER_S, "the database to claim from"):
+        deadline = self._start(ANSWER_S)
+        if not self._send(("open", database, synchronous), deadline, "the database to claim from"):
             return False
-        answer = self._receive(ANSWER_S)
+        answer = self._receive(deadline)
         if answer is None:
             return False
         if answer != ("opened",):
@@ -256,17 +260,21 @@ class CheckProcess:
 
     def ask_claim(self, after: int, block: int, room: int, alone: bool, max_bytes: int) -> bool:
         """Ask for a claim (see :func:`claim`), answered by ``claimed``; False if the process has ended."""
-        return self._send(("claim", after, block, room, alone, max_bytes), ANSWER_S, "a claim")
+        return self._send(("claim", after, block, room, alone, max_bytes), self._start(ANSWER_S), "a claim")
 
-    def claimed(self) -> Claimed | None:
+    def claimed(self, most: float | None = None) -> Claimed | None:
         """Return the answer to the claim asked for: Claimed, a conflict or an error; None if it ended.
 
-        A process that has not said what it read within ANSWER_S, or answered within ANSWER_S,
-        CLAIM_BUSY_S and a second per 4 MiB read, is hung, and killed.
+        A process that has not said what it read within ANSWER_S, or answered within ANSWER_S, CLAIM_BUSY_S
+        and a second per 4 MiB read (all from now), is hung, and killed; so is one that has not answered
+        within ``most`` seconds, if given (at a stop).
         """
-        answer = self._receive(ANSWER_S)
+        started = time.monotonic()
+        cap = math.inf if most is None else started + most
+        self._started = started
+        answer = self._receive(min(started + ANSWER_S, cap))
         if type(answer) is tuple and len(answer) == 2 and answer[0] == "read" and type(answer[1]) is int:
-            answer = self._receive(_limit(answer[1]) + CLAIM_BUSY_S)
+            answer = self._receive(min(started + _limit(answer[1]) + CLAIM_BUSY_S, cap))
         if answer is None:
             return None
         if type(answer) is not tuple or not answer:
@@ -280,31 +288,38 @@ class CheckProcess:
         self._give_up(f"an answer with the wrong shape for a claim ({str(answer[0])[:40]!r})", kill=True)
         return None
 
-    def _send(self, value: Any, limit: float, what: str) -> bool:
-        """Write one frame within ``limit`` seconds; False (and the process given up) if it cannot."""
+    def _start(self, limit: float) -> float:
+        """Start timing an exchange; return its deadline, ``limit`` seconds from now."""
+        self._started = time.monotonic()
+        return self._started + limit
+
+    def _send(self, value: Any, deadline: float, what: str) -> bool:
+        """Write one frame by ``deadline``; False (and the process given up) if it cannot."""
         process = self._process
         if process is None or self.ended:
             return False
         assert process.stdin is not None
         try:
-            _write_within(process.stdin.fileno(), value, time.monotonic() + limit)
+            _write_within(process.stdin.fileno(), value, deadline)
         except TimeoutError:
-            self._give_up(f"it has not taken {what} for {limit:.1f}s (pid {process.pid}, killed)", kill=True)
+            self._give_up(f"it has not taken {what} for {time.monotonic() - self._started:.1f}s "
+                          f"(pid {process.pid}, killed)", kill=True)
             return False
         except Exception as exc:  # a broken pipe: it has ended
             self._failed(process, exc)
             return False
         return True
 
-    def _receive(self, limit: float) -> Any:
-        """Read one frame within ``limit`` seconds; None (and the process given up) if it cannot."""
+    def _receive(self, deadline: float) -> Any:
+        """Read one frame by ``deadline``; None (and the process given up) if it cannot."""
         process = self._process
         if process is None or self.ended or self._answers is None:
             return None
         try:
-            return _read_within(self._answers, time.monotonic() + limit)
+            return _read_within(self._answers, deadline)
         except TimeoutError:
-            self._give_up(f"it has not answered for {limit:.1f}s (pid {process.pid}, killed)", kill=True)
+            self._give_up(f"it has not answered for {time.monotonic() - self._started:.1f}s "
+                          f"(pid {process.pid}, killed)", kill=True)
             return None
         except Exception as exc:  # a broken pipe, EOF, a garbled frame: the same, it cannot be used
             self._failed(process, exc)
@@ -321,8 +336,13 @@ class CheckProcess:
         self.ended = True
         if kill and self._process is not None:
             self._process.kill()
-        log.warning("the order check process is not available: %s; orders are claimed and checked in the "
-                    "daemon's own process from now on (slower, same verdicts)", why, extra={"reason": why})
+        if self.stopping:
+            log.warning("the order check process did not answer at the stop: %s; the claim it was making is "
+                        "given back", why, extra={"reason": why})
+        else:
+            log.warning("the order check process is not available: %s; orders are claimed and checked in "
+                        "the daemon's own process from now on (slower, same verdicts)", why,
+                        extra={"reason": why})
         self.close()
 
     def close(self) -> None:
@@ -369,13 +389,14 @@ def claim(connection: sqlite3.Connection, after: int, block: int, room: int, *, 
     rolled back if another program deleted one meanwhile (the answer is then a conflict). What was read
     is told (``say``) before the orders are checked.
     """
-    from invoicer.intake import plan_claim  # noqa: PLC0415  # intake imports this module
+    from invoicer.intake import CLAIM_BYTES, plan_claim  # noqa: PLC0415  # intake imports this module
     from invoicer.storage import ClaimConflictError  # noqa: PLC0415
     from invoicer.storage import sqlite as backend  # noqa: PLC0415
 
     try:
         waiting = backend.split_waiting(connection.execute(backend.SELECT_WAITING, {
-            "max": max_bytes, "limit": block, "room": room, "after": after}).fetchone(), max_bytes)
+            "max": max_bytes, "limit": block, "room": min(room, CLAIM_BYTES), "after": after}).fetchone(),
+            max_bytes)
         plan = plan_claim(waiting, block, max_bytes, room, alone=alone)
         say(("read", plan.planned))
         rejected = [(order_id, reason, "") for order_id, reason in plan.rejected]

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, overload
 
-from invoicer.checker import CLAIM_BUSY_S, CheckProcess, PackedRequests
+from invoicer.checker import ANSWER_S, CLAIM_BUSY_S, CheckProcess, PackedRequests
 from invoicer.generator import InvoiceNumberGenerator
 from invoicer.orders import InvalidOrder, check_order
 from invoicer.processing import InvoiceRequest
@@ -39,6 +39,10 @@ MAX_CLAIM = 8192        # ... and at most: the claim's transaction and its parse
 CLAIM_SECONDS = 0.5     # claims grow while one lasts less than this, so a backlog costs few fsyncs
 IDLE_POLL_S = 0.025     # how often an idle daemon looks for new orders: the latency floor at idle
 ROOM_WAIT_S = 0.5       # how long a claim waits for the byte budget to make room before it looks again
+# A claim reads the orders that begin within this many bytes (and the byte budget's room), so that one
+# claim's check stays within seconds whatever INVOICER_INFLIGHT_BYTES allows; an order larger than this
+# still goes, as a claim of its own.
+CLAIM_BYTES = 8 << 20
 
 
 class OrderChunk(Sequence[int]):
@@ -290,8 +294,8 @@ class OrderSource:
         # which on SQLite makes the claims too.
         self.check_process: CheckProcess | None = None
         self.asked = False  # the check process is making the next claim
-        self._locked_since = 0.0  # when its claims first met another connection's write lock (0: not)
-        self._lock_told = 0.0     # how long that lock had lasted when last said
+        self._locked_since: float | None = None  # when its claims first met another connection's lock
+        self._lock_told = 0.0  # how long that lock had lasted when last said
         self.idle = False           # the last look found no order waiting
         self.busy_since = 0.0       # monotonic start of the claim under way (0: none)
         self.claimed_total = 0
@@ -331,9 +335,11 @@ class OrderSource:
                     self._changed.wait_for(lambda: not self._ready or self._stop.is_set())
                 if self._stop.is_set():
                     return
-                self.busy_since = self._locked_since or self._clock()
+                locked = self._locked_since
+                self.busy_since = self._clock() if locked is None else locked
                 block = self._claim()
-                self.busy_since = self._locked_since  # 0 unless another connection's lock holds claims up
+                # Still under way while another connection's lock holds the claims up (the health check).
+                self.busy_since = self._locked_since or 0.0
                 if block is None:  # nothing waiting, or no room in the byte budget: look again soon
                     self._stop.wait(IDLE_POLL_S)
                     continue
@@ -394,7 +400,7 @@ class OrderSource:
             self._budget.wait_room(1, IDLE_POLL_S)
             return None
         try:
-            with self._storage.claiming(self._block, self._max_bytes, room) as claim:
+            with self._storage.claiming(self._block, self._max_bytes, min(room, CLAIM_BYTES)) as claim:
                 plan = self._plan(claim.waiting, room, alone=self._budget.used == 0)
                 valid, packed = self._checked(plan, self._verdicts(plan))
                 chunk = self._pair(claim, plan, valid, packed)
@@ -447,7 +453,7 @@ class OrderSource:
         if answer[0] == "error" and answer[2] in ("SQLITE_BUSY", "SQLITE_LOCKED"):
             self._wait_for_lock(answer[1], answer[2])
             return None
-        self._locked_since = self._lock_told = 0.0
+        self._lock_waited_out()
         if answer[0] == "conflict":  # another program deleted a waiting order: read them again
             log.info("claim rolled back and tried again: %s", answer[1])
             return None
@@ -462,7 +468,8 @@ class OrderSource:
             self._adapt_block(full=full)
         # Taken first: a failed ask gives back every number above the last one taken.
         chunk = self._chunk(first, last, order_ids, packed, sizes, packed=True) if order_ids else None
-        if chunk is not None and not blocked and (room := self._budget.room()) > 0:
+        asks_on = chunk is not None and not blocked and not self._stop.is_set()  # none after a stop
+        if asks_on and (room := self._budget.room()) > 0:
             self._ask(last_id, room, alone=False)
         if chunk is None and blocked:  # the next order does not fit yet: wait for its room, not a poll
             self._budget.wait_room(blocked, ROOM_WAIT_S)
@@ -484,13 +491,16 @@ class OrderSource:
         (Storage.claim_failed), as for its own writes.
         """
         now = self._clock()
-        if not self._locked_since:
+        if self._locked_since is None:
             self._locked_since = now - CLAIM_BUSY_S
         self.idle = False
         waited = now - self._locked_since
         if waited >= self._lock_told + BUSY_TIMEOUT_S:
             self._lock_told = waited
             self._storage.claim_failed(message, name, waited)
+
+    def _lock_waited_out(self) -> None:
+        self._locked_since, self._lock_told = None, 0.0
 
     def _settle(self) -> None:
         """At a stop: take the answer to the claim asked for, for its refusals (its pairing is given back).
@@ -501,7 +511,10 @@ class OrderSource:
         if not self.asked or process is None or process.ended:
             return
         self.asked = False
-        answer = process.claimed()
+        process.stopping = True
+        self.busy_since = self._clock()  # the drain's health check sees a wait for a hung process
+        answer = process.claimed(most=ANSWER_S)
+        self.busy_since = 0.0
         if answer is None or answer[0] != "claimed":
             return
         self._refused(answer[6])
@@ -524,6 +537,7 @@ class OrderSource:
         there. SQLite's write lock orders this after any transaction of the killed process.
         """
         self.asked = False
+        self._lock_waited_out()
         self._storage.release(self._reserved_last)
 
     def _plan(self, waiting: list[tuple[int, bytes | None, int]], room: int, *, alone: bool) -> _Plan:

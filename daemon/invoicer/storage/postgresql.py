@@ -264,8 +264,9 @@ def _error(uri: str, exc: BaseException, doing: str = "") -> StorageError:  # no
     text = scrub(" ".join(str(exc).split()), uri)
     if isinstance(exc, TRANSIENT):
         return StorageError(f"database {where}: {text}{during}", EX_TEMPFAIL)
-    # The server ended a session left idle in its transaction (a paused instance): lost, like any other.
-    if isinstance(exc, psycopg.errors.IdleInTransactionSessionTimeout):
+    # The server ended a session left idle in its transaction, or past transaction_timeout (PostgreSQL
+    # 17): a paused instance's; lost, like any other.
+    if getattr(exc, "sqlstate", None) in ("25P03", "25P04"):
         return StorageError(f"database {where}: the connection was lost{during} ({text})", EX_TEMPFAIL)
     if isinstance(exc, psycopg.OperationalError):
         lowered = text.lower()
