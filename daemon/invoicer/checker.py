@@ -181,7 +181,7 @@ class CheckProcess:
         self.ended = False  # it could not be started, or it ended: the daemon checks in-process
         self.database: str | None = None  # the SQLite database it claims from (None: it only checks)
         self._started = 0.0  # when the exchange under way began (monotonic)
-        self.stopping = False  # the daemon stops: a process given up now is not replaced by claims here
+        self.stopping = False  # the daemon stops: a give-up now is said as such, not as a fallback
 
     def start(self) -> bool:
         """Start the process; False (said once, in the log) if it cannot be started."""
@@ -414,19 +414,14 @@ def claim(connection: sqlite3.Connection, after: int, block: int, room: int, *, 
         first, last = 0, -1
         if order_ids or rejected:
             connection.execute("BEGIN IMMEDIATE")
-            try:
-                first, last = backend.pair_orders(connection.cursor(), order_ids,
-                                                  [(order_id, reason) for order_id, reason, _ in rejected])
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    connection.execute("ROLLBACK")
-                raise
+            first, last = backend.pair_orders(connection.cursor(), order_ids,
+                                              [(order_id, reason) for order_id, reason, _ in rejected])
             connection.execute("COMMIT")
-    except ClaimConflictError as exc:
-        return ("conflict", str(exc), "")
-    except sqlite3.Error as exc:
-        with contextlib.suppress(sqlite3.Error):
+    except (ClaimConflictError, sqlite3.Error) as exc:
+        with contextlib.suppress(sqlite3.Error):  # none under way if BEGIN failed
             connection.execute("ROLLBACK")
+        if isinstance(exc, ClaimConflictError):
+            return ("conflict", str(exc), "")
         return ("error", str(exc), getattr(exc, "sqlite_errorname", ""))
     return ("claimed", first, last, order_ids, packed, sizes, rejected, plan.full, plan.waiting,
             plan.blocked, plan.last_id)

@@ -29,6 +29,7 @@ from invoicer.generator import InvoiceNumberGenerator
 from invoicer.orders import InvalidOrder, check_order
 from invoicer.processing import InvoiceRequest
 from invoicer.storage import BUSY_TIMEOUT_S, Batch, ClaimConflictError, Row, StorageError
+from invoicer.storage.sqlite import LOCKED
 
 Storage = Any  # a backend of invoicer.storage (SQLite's Storage, PostgresStorage)
 
@@ -450,7 +451,7 @@ class OrderSource:
 
     def _take_claimed(self, answer: tuple[Any, ...]) -> OrderChunk | None:
         """Take the check process's answer to a claim: the chunk it paired, if any."""
-        if answer[0] == "error" and answer[2] in ("SQLITE_BUSY", "SQLITE_LOCKED"):
+        if answer[0] == "error" and answer[2] in LOCKED:
             self._wait_for_lock(answer[1], answer[2])
             return None
         self._lock_waited_out()

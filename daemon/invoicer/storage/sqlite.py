@@ -54,6 +54,7 @@ log = logging.getLogger("invoicer")
 
 SCHEMA_VERSION = 3
 BUSY_TIMEOUT_S = 5.0
+LOCKED = ("SQLITE_BUSY", "SQLITE_LOCKED")  # another connection's lock: what the busy timeout waits out
 SUBMITTED_AT = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
 
 TABLES = (
@@ -435,8 +436,7 @@ class Storage:
                 cursor.execute("BEGIN IMMEDIATE")
                 return
             except sqlite3.OperationalError as exc:
-                if not self.patient or getattr(exc, "sqlite_errorname", "") not in ("SQLITE_BUSY",
-                                                                                     "SQLITE_LOCKED"):
+                if not self.patient or getattr(exc, "sqlite_errorname", "") not in LOCKED:
                     raise
                 waited += BUSY_TIMEOUT_S
                 log.warning("database %s is locked by another program (%gs so far); still waiting",
@@ -565,14 +565,14 @@ class Storage:
         a transaction (its writer reports a long one); anything else is the StorageError a claim made
         here would raise.
         """
-        exc = sqlite3.OperationalError(message)
-        exc.sqlite_errorname = name
-        if name in ("SQLITE_BUSY", "SQLITE_LOCKED") and self._writing:
+        if name in LOCKED and self._writing:
             return  # the lock is this daemon's own transaction (a commit on a stalled disk, say): reported
-        if self.patient and name in ("SQLITE_BUSY", "SQLITE_LOCKED"):
+        if name in LOCKED and self.patient:
             log.warning("database %s is locked by another program (%gs so far); still waiting",
                         self.path, round(waited), extra={"waited": round(waited)})
             return
+        exc = sqlite3.OperationalError(message)
+        exc.sqlite_errorname = name
         raise describe_error(self.path, exc, "claiming orders")
 
     def paired_orders(self, first: int, last: int) -> list[tuple[int, int, bytes]]:
