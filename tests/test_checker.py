@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import marshal
@@ -22,7 +23,7 @@ from invoicer.orders import DEFAULT_MAX_ORDER_BYTES, check_order, demo_order
 from invoicer.storage import EX_TEMPFAIL, Storage, StorageError, submit_orders
 from tests.conftest import Daemon
 from tests.test_intake import pairs, payload, submit
-from tests.test_orders_daemon import ORDERS, assert_one_invoice_per_order
+from tests.test_orders_daemon import ORDERS, assert_one_invoice_per_order, invoice_to_the_end
 
 LIMIT = DEFAULT_MAX_ORDER_BYTES
 StartDaemon = Callable[..., Daemon]
@@ -310,11 +311,7 @@ def test_a_stop_signal_to_the_whole_group_drains_and_ends_the_check_process(
     daemon.process.send_signal(signal.SIGKILL)
     daemon.process.wait(30)
     wait_gone(checkers[0])  # its input closed with the daemon
-    daemon = start_daemon(database, INVOICER_PROCESSING_DELAY_MS="0", **ORDERS)
-    daemon.wait_stored(total, timeout=120)
-    daemon.signal()
-    assert daemon.wait()[0] == 0
-    assert len(assert_one_invoice_per_order(database)) == total
+    invoice_to_the_end(start_daemon, database, total, {"INVOICER_PROCESSING_DELAY_MS": "0", **ORDERS})
 
 
 def test_a_claim_asked_for_ahead_keeps_within_the_byte_budget(
@@ -445,6 +442,27 @@ def test_a_claim_the_check_process_paired_and_never_told_is_given_back(
     assert storage.recovery_plan().high_water == 1_000
 
 
+def on_a_fake_clock(storage: Storage, process: CheckProcess) -> OrderSource:
+    """An order source claiming through ``process``, whose clock says 3 s more at each look."""
+    now = iter(range(1_000, 4_000, 3))
+    orders = OrderSource(storage, 0, ByteBudget(1 << 30), check_order, max_order_bytes=LIMIT,
+                         clock=lambda: float(next(now)))
+    orders.check_process = process
+    return orders
+
+
+@contextlib.contextmanager
+def write_lock(database: Path) -> Iterator[None]:
+    """Hold the database's write lock from another connection, as a program in a transaction does."""
+    blocker = sqlite3.connect(database, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+
 @pytest.mark.parametrize("patient", [True, False])
 def test_another_programs_write_lock_is_waited_out_by_a_claim_in_the_check_process(
         storage: Storage, process: CheckProcess, caplog: pytest.LogCaptureFixture, patient: bool) -> None:
@@ -454,28 +472,19 @@ def test_another_programs_write_lock_is_waited_out_by_a_claim_in_the_check_proce
     how long the lock has lasted, 3 s more at each look.
     """
     ids = submit(storage.path, [payload(n) for n in range(100)])
-    now = iter(range(1_000, 4_000, 3))
-    orders = OrderSource(storage, 0, ByteBudget(1 << 30), check_order, max_order_bytes=LIMIT,
-                         clock=lambda: float(next(now)))
-    orders.check_process = process
+    orders = on_a_fake_clock(storage, process)
     storage.patient = patient
-    blocker = sqlite3.connect(storage.path, isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")
-    try:
-        with caplog.at_level(logging.WARNING, logger="invoicer"):
-            assert orders.take(10_000) is None  # 1 s of the lock: asked again, nothing said
-            assert "locked" not in caplog.text
-            assert not orders.idle  # orders wait: STATUS must not say idle
-            assert orders._locked_since == 999  # the health check counts the claim as under way since then
-            assert orders.take(10_000) is None  # 4 s of it by the fake clock: still quiet
-            if not patient:  # 7 s: past the busy timeout
-                with pytest.raises(StorageError, match="is locked by another program and stayed locked"):
-                    orders.take(10_000)
-                return
-            assert orders.take(10_000) is None  # 7 s: said once
-    finally:
-        blocker.execute("ROLLBACK")
-        blocker.close()
+    with write_lock(storage.path), caplog.at_level(logging.WARNING, logger="invoicer"):
+        assert orders.take(10_000) is None  # 1 s of the lock: asked again, nothing said
+        assert "locked" not in caplog.text
+        assert not orders.idle  # orders wait: STATUS must not say idle
+        assert orders._locked_since == 999  # the health check counts the claim as under way since then
+        assert orders.take(10_000) is None  # 4 s of it by the fake clock: still quiet
+        if not patient:  # 7 s: past the busy timeout
+            with pytest.raises(StorageError, match="is locked by another program and stayed locked"):
+                orders.take(10_000)
+            return
+        assert orders.take(10_000) is None  # 7 s: said once
     assert re.findall(r"database .* is locked by another program \(([0-9]+)s so far\); still waiting",
                       caplog.text) == ["7"]
     assert not process.ended
@@ -488,18 +497,10 @@ def test_a_lock_met_before_the_check_process_ends_is_forgotten_with_it(
         storage: Storage, process: CheckProcess) -> None:
     """Claims made here afterwards must not count as held up since then (a stall reported forever)."""
     ids = submit(storage.path, [payload(n) for n in range(100)])
-    now = iter(range(1_000, 4_000, 3))
-    orders = OrderSource(storage, 0, ByteBudget(1 << 30), check_order, max_order_bytes=LIMIT,
-                         clock=lambda: float(next(now)))
-    orders.check_process = process
+    orders = on_a_fake_clock(storage, process)
     storage.patient = True
-    blocker = sqlite3.connect(storage.path, isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")
-    try:
+    with write_lock(storage.path):
         assert orders.take(10_000) is None
-    finally:
-        blocker.execute("ROLLBACK")
-        blocker.close()
     assert orders._locked_since is not None
     assert process.pid is not None
     os.kill(process.pid, signal.SIGKILL)

@@ -59,6 +59,17 @@ def assert_one_invoice_per_order(database: Path) -> list[tuple[int, int]]:
     return invoices
 
 
+def invoice_to_the_end(start_daemon: StartDaemon, database: Path, total: int, env: dict[str, str],
+                       timeout: float = 120) -> None:
+    """Start a daemon on ``database``, stop it once ``total`` are stored: exit 0, one invoice an order."""
+    daemon = start_daemon(database, **env)
+    daemon.wait_stored(total, timeout=timeout)
+    daemon.signal()
+    code, log = daemon.wait()
+    assert code == 0, log[-2000:]
+    assert len(assert_one_invoice_per_order(database)) == total
+
+
 def test_quick_start_submits_the_sample_orders_and_invoices_them(tmp_path: Path,
                                                                   start_daemon: StartDaemon) -> None:
     """The README's first commands on a fresh database: submit the shipped sample orders, then run."""
@@ -125,12 +136,8 @@ def test_sigkill_with_a_backlog_loses_no_order_and_numbers_none_twice(tmp_path: 
         daemon.process.send_signal(signal.SIGKILL)      # the table's, so this is past `stored` at least
         daemon.process.wait(30)
         assert stored <= total
-    daemon = start_daemon(database, INVOICER_WORKERS="16", INVOICER_PROCESSING_DELAY_MS="0", **ORDERS)
-    daemon.wait_stored(total, timeout=120)
-    daemon.signal()
-    code, log = daemon.wait()
-    assert code == 0, log
-    assert len(assert_one_invoice_per_order(database)) == total
+    invoice_to_the_end(start_daemon, database, total,
+                       {"INVOICER_WORKERS": "16", "INVOICER_PROCESSING_DELAY_MS": "0", **ORDERS})
 
 
 def test_a_stop_gives_back_the_claimed_orders_it_did_not_start(tmp_path: Path,
@@ -151,11 +158,8 @@ def test_a_stop_gives_back_the_claimed_orders_it_did_not_start(tmp_path: Path,
     connection.close()
     assert stored == high_water < total
     assert unpaired == total - stored
-    daemon = start_daemon(database, INVOICER_PROCESSING_DELAY_MS="0", **ORDERS)
-    daemon.wait_stored(total, timeout=60)
-    daemon.signal()
-    assert daemon.wait()[0] == 0
-    assert len(assert_one_invoice_per_order(database)) == total
+    invoice_to_the_end(start_daemon, database, total, {"INVOICER_PROCESSING_DELAY_MS": "0", **ORDERS},
+                       timeout=60)
 
 
 def test_idle_daemon_pings_the_watchdog_uses_no_cpu_and_takes_a_new_order(

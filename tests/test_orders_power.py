@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tests.conftest import Daemon, assert_consistent, daemon_env
-from tests.test_orders_daemon import ORDERS, assert_one_invoice_per_order, payload
+from tests.test_orders_daemon import ORDERS, assert_one_invoice_per_order, invoice_to_the_end, payload
 from tests.test_power import copy_of, cut_and_kill, messages_until, on_mount
 
 if TYPE_CHECKING:
@@ -42,16 +42,6 @@ def submit_on(fs: FaultMount, directory: Path) -> None:
     assert done.returncode == 0, done.stderr
 
 
-def finish(start_daemon: StartDaemon, database: Path) -> None:
-    """Run to the end of the orders off the mount, stop, and check every order was invoiced once."""
-    daemon = start_daemon(database, **LOAD)
-    daemon.wait_stored(TOTAL, timeout=120)
-    daemon.signal()
-    code, output = daemon.wait()
-    assert code == 0, output[-2000:]
-    assert len(assert_one_invoice_per_order(database)) == TOTAL
-
-
 @pytest.mark.parametrize(("cycle", "moment"), [(0, "running"), (1, "draining"), (2, "running")])
 def test_a_power_cut_while_claiming_orders_loses_and_doubles_nothing(
         start_faultfs: Callable[[], FaultMount], start_daemon: StartDaemon, short_tmp: Path,
@@ -66,7 +56,7 @@ def test_a_power_cut_while_claiming_orders_loses_and_doubles_nothing(
     _, promised = cut_and_kill(fs, daemon, rng)
     found = assert_consistent(copy_of(fs.backing, short_tmp / "after-cut"))
     assert found.count >= promised  # every commit a STATUS= reported survived
-    finish(start_daemon, fs.backing / "invoices.db")
+    invoice_to_the_end(start_daemon, fs.backing / "invoices.db", TOTAL, LOAD)
 
 
 def test_a_frozen_disk_holds_claims_up_and_they_go_on_after_the_thaw(
@@ -105,4 +95,4 @@ def test_a_failing_disk_ends_the_daemon_and_the_next_start_invoices_every_order_
     assert re.search(r"database .*: (fsync failed|a write failed|the disk is full)", output), output[-2000:]
     fs.client.heal()
     fs.stop()
-    finish(start_daemon, fs.backing / "invoices.db")
+    invoice_to_the_end(start_daemon, fs.backing / "invoices.db", TOTAL, LOAD)
