@@ -249,8 +249,8 @@ def test_large_orders_stay_within_the_byte_budget(tmp_path: Path, start_daemon: 
     held = len(big) * count / 2**20
     if budget == "2MiB":
         assert peak < 110, f"peak RSS {peak:.0f} MiB with a 2 MiB budget"
-    else:
-        assert peak > 110, f"peak RSS {peak:.0f} MiB: the whole {held:.0f} MiB backlog in flight at once"
+    else:  # the control: a claim reads at most CLAIM_BYTES (8 MiB), so about three claims are in flight
+        assert peak > 90, f"peak RSS {peak:.0f} MiB: claims of 8 MiB of the {held:.0f} MiB backlog in flight"
 
 
 def peak_rss_mib(pid: int) -> float:
