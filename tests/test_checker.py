@@ -290,6 +290,98 @@ def test_a_daemon_whose_check_process_is_killed_invoices_every_order_once(
     assert len(assert_one_invoice_per_order(database)) == total
 
 
+def found_ended(orders: OrderSource, process: CheckProcess) -> None:
+    """Take orders until the claims find ``process`` gone (those of the block in hand come first)."""
+    for _ in range(100):
+        if process.ended:
+            return
+        orders.take(50)
+    raise AssertionError("the killed check process was not found gone")
+
+
+def test_a_killed_check_process_is_started_again_after_a_wait_that_doubles_while_it_keeps_ending(
+        storage: Storage, caplog: pytest.LogCaptureFixture) -> None:
+    """1 s after it ended, then 2 s, 4 s ... up to 60 s while each new one ends within 60 s; then 1 s again.
+
+    Orders are claimed in the daemon meanwhile, and every order is paired once, in submission order.
+    """
+    ids = submit(storage.path, [payload(n) for n in range(5_000)])
+    now = [1_000.0]
+    orders = OrderSource(storage, 0, ByteBudget(1 << 30), check_order, max_order_bytes=LIMIT,
+                         clock=lambda: now[0])
+    orders._start_check_process()
+    pids = []
+    try:
+        for wait in (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, None):
+            process = orders.check_process
+            assert process is not None
+            assert process.pid is not None, "a check process runs"
+            pids.append(process.pid)
+            assert orders.take(50) is not None  # claimed by it (or, just after a kill, here)
+            if wait is None:
+                break
+            now[0] += 30.0 if wait < 60.0 else 0.0  # each one ends within 60 s of its start
+            os.kill(process.pid, signal.SIGKILL)
+            found_ended(orders, process)
+            orders._restart_check_process()  # found ended: the wait starts
+            now[0] += wait - 0.5
+            orders._restart_check_process()
+            assert orders.check_process is process, f"not started again before {wait}s"
+            assert orders.take(50) is not None  # claimed here meanwhile
+            now[0] += 0.5
+            with caplog.at_level(logging.INFO, logger="invoicer"):
+                orders._restart_check_process()
+            assert orders.check_process is not process
+            assert f"started again (pid {orders.check_process.pid}), {wait:g}s after it ended" in caplog.text
+        # One that ran longer than 60 s starts the count afresh.
+        process = orders.check_process
+        assert process is not None
+        assert process.pid is not None
+        now[0] += 61.0
+        os.kill(process.pid, signal.SIGKILL)
+        found_ended(orders, process)
+        orders._restart_check_process()
+        now[0] += 1.0
+        orders._restart_check_process()
+        assert orders.check_process is not process
+        assert orders.check_process.pid is not None
+        claim_all(orders)
+    finally:
+        assert orders.check_process is not None
+        orders.check_process.close()
+    assert len(set(pids)) == len(pids)
+    assert paired(storage.path) == list(zip(range(1, len(ids) + 1), ids, strict=True))
+
+
+def test_a_daemon_starts_its_killed_check_process_again_and_invoices_every_order_once(
+        tmp_path: Path, start_daemon: StartDaemon) -> None:
+    database = tmp_path / "restart.db"
+    total = 30_000
+    submit_orders(database, [payload(n) for n in range(total)])
+    daemon = start_daemon(database, INVOICER_WORKERS="4", INVOICER_PROCESSING_DELAY_MS="1", **ORDERS)
+    daemon.wait_stored(1)
+    killed = []
+    for _ in range(2):
+        deadline = time.monotonic() + 30
+        while not (found := [pid for pid in children(daemon.process.pid) if pid not in killed]):
+            assert time.monotonic() < deadline, "the check process was not started again"
+            time.sleep(0.05)  # polling /proc: the start of a grandchild gives no event to wait on
+        killed += found
+        os.kill(found[0], signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while not [pid for pid in children(daemon.process.pid) if pid not in killed]:
+        assert time.monotonic() < deadline, "the check process was not started again"
+        time.sleep(0.05)  # as above
+    daemon.wait_stored(total, timeout=120)
+    daemon.signal()
+    code, log = daemon.wait()
+    assert code == 0, log
+    assert log.count("the order check process is not available") == 2
+    assert ", 1s after it ended" in log
+    assert ", 2s after it ended" in log
+    assert len(assert_one_invoice_per_order(database)) == total
+
+
 def test_a_stop_signal_to_the_whole_group_drains_and_ends_the_check_process(
         tmp_path: Path, start_daemon: StartDaemon) -> None:
     """As systemd stops a unit: SIGTERM to every process of it; SIGKILL to the daemon leaves none behind."""
@@ -575,7 +667,7 @@ def test_after_a_stop_no_claim_is_asked_for_and_a_hung_one_is_waited_for_briefly
         orders._settle()
     assert time.monotonic() - started < 2.0  # not the whole claim deadline
     assert "the order check process did not answer at the stop" in caplog.text
-    assert "from now on" not in caplog.text
+    assert "until it is started again" not in caplog.text
     wait_gone(pid)
 
 

@@ -44,6 +44,10 @@ ROOM_WAIT_S = 0.5       # how long a claim waits for the byte budget to make roo
 # claim's check stays within seconds whatever INVOICER_INFLIGHT_BYTES allows; an order larger than this
 # still goes, as a claim of its own.
 CLAIM_BYTES = 8 << 20
+# A check process that ended is started again this long after, the wait doubling with each one that
+# ends within RESTART_MAX_S of its start, up to RESTART_MAX_S: the daemon claims in-process meanwhile.
+RESTART_S = 1.0
+RESTART_MAX_S = 60.0
 
 
 class OrderChunk(Sequence[int]):
@@ -295,6 +299,9 @@ class OrderSource:
         # which on SQLite makes the claims too.
         self.check_process: CheckProcess | None = None
         self.asked = False  # the check process is making the next claim
+        self._process_started = 0.0  # when the check process was last started (the clock's time)
+        self._restart_at: float | None = None  # when to start it again, once it has ended
+        self._restart_wait = 0.0  # the wait before that start
         self._locked_since: float | None = None  # when its claims first met another connection's lock
         self._lock_told = 0.0  # how long that lock had lasted when last said
         self.idle = False           # the last look found no order waiting
@@ -329,13 +336,13 @@ class OrderSource:
     def _run(self) -> None:
         try:
             if self._check is check_order:
-                self.check_process = CheckProcess()
-                self.check_process.start()
+                self._start_check_process()
             while not self._stop.is_set():
                 with self._changed:  # one block claimed ahead of the one being handed out
                     self._changed.wait_for(lambda: not self._ready or self._stop.is_set())
                 if self._stop.is_set():
                     return
+                self._restart_check_process()
                 locked = self._locked_since
                 self.busy_since = self._clock() if locked is None else locked
                 block = self._claim()
@@ -356,6 +363,39 @@ class OrderSource:
                 if self._stop.is_set():
                     self._settle()
                 self.check_process.close()
+
+    def _start_check_process(self) -> None:
+        """Start the check process from the claimer thread, which it must not outlive (PR_SET_PDEATHSIG)."""
+        self.check_process = CheckProcess()
+        self._process_started = self._clock()
+        self.check_process.start()
+
+    def _restart_check_process(self) -> None:
+        """Start the check process again, RESTART_S after it ended, or longer if it ended soon again.
+
+        It ended after everything it may have paired unanswered was given back (``_claims_lost``), and
+        the claims made here since follow on from there, so a new one reads on where they stopped.
+        """
+        process = self.check_process
+        if process is None or not process.ended:
+            return
+        now = self._clock()
+        if self._restart_at is None:  # just found ended
+            # A restarted one that ended within RESTART_MAX_S waits twice as long as the last time; one
+            # that had run longer than that starts the count afresh.
+            again = self._restart_wait > 0 and now - self._process_started < RESTART_MAX_S
+            self._restart_wait = min(self._restart_wait * 2, RESTART_MAX_S) if again else RESTART_S
+            self._restart_at = now + self._restart_wait
+            return
+        if now < self._restart_at:
+            return
+        self._restart_at = None
+        self._start_check_process()
+        assert self.check_process is not None
+        if self.check_process.pid is not None:
+            log.info("the order check process was started again (pid %d), %gs after it ended; orders "
+                     "are claimed and checked there again", self.check_process.pid, self._restart_wait,
+                     extra={"pid": self.check_process.pid})
 
     def take(self, limit: int) -> OrderChunk | None:
         """Hand out up to ``limit`` paired orders; None if none is claimed within IDLE_POLL_S."""
