@@ -343,8 +343,10 @@ def test_a_killed_check_process_is_started_again_after_a_wait_that_doubles_while
         orders._restart_check_process()
         now[0] += 1.0
         orders._restart_check_process()
-        assert orders.check_process is not process
-        assert orders.check_process.pid is not None
+        restarted = orders.check_process
+        assert restarted is not None
+        assert restarted is not process
+        assert restarted.pid is not None
         claim_all(orders)
     finally:
         assert orders.check_process is not None
