@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from invoicer.checker import CLOSE_TIMEOUT_S, CheckProcess, PackedRequests, verdicts
+from invoicer.checker import CLOSE_TIMEOUT_S, EX_CHANGED, CheckProcess, PackedRequests, verdicts
 from invoicer.checker import answer as answer_request
 from invoicer.intake import ByteBudget, OrderChunk, OrderSource, decode_payload, reason_for
 from invoicer.orders import DEFAULT_MAX_ORDER_BYTES, check_order, demo_order
@@ -332,7 +332,8 @@ def test_a_killed_check_process_is_started_again_after_a_wait_that_doubles_while
             with caplog.at_level(logging.INFO, logger="invoicer"):
                 orders._restart_check_process()
             assert orders.check_process is not process
-            assert f"started again (pid {orders.check_process.pid}), {wait:g}s after it ended" in caplog.text
+            pid = orders.check_process.pid
+            assert f"started again (pid {pid}), {wait:.1f}s after it ended" in caplog.text
         # One that ran longer than 60 s starts the count afresh.
         process = orders.check_process
         assert process is not None
@@ -353,6 +354,77 @@ def test_a_killed_check_process_is_started_again_after_a_wait_that_doubles_while
         orders.check_process.close()
     assert len(set(pids)) == len(pids)
     assert paired(storage.path) == list(zip(range(1, len(ids) + 1), ids, strict=True))
+
+
+def test_a_check_process_that_cannot_be_started_again_leaves_the_claims_here_and_waits_longer(
+        storage: Storage, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of file descriptors, say: the claimer goes on in-process (it does not die), and tries later."""
+    ids = submit(storage.path, [payload(n) for n in range(500)])
+    now = [1_000.0]
+    orders = OrderSource(storage, 0, ByteBudget(1 << 30), check_order, max_order_bytes=LIMIT,
+                         clock=lambda: now[0])
+    orders._start_check_process()
+    first = orders.check_process
+    assert first is not None
+    assert first.pid is not None
+    assert orders.take(50) is not None
+    os.kill(first.pid, signal.SIGKILL)
+    found_ended(orders, first)
+    orders._restart_check_process()
+    now[0] += 1.0
+
+    def no_pipe() -> tuple[int, int]:
+        raise OSError(24, "Too many open files")
+
+    with monkeypatch.context() as patch, caplog.at_level(logging.WARNING, logger="invoicer"):
+        patch.setattr(os, "pipe", no_pipe)
+        orders._restart_check_process()
+    broken = orders.check_process
+    assert broken is not first
+    assert broken is not None
+    assert broken.ended
+    assert "the order check process is not available: it cannot be started ([Errno 24] Too many open " \
+           "files)" in caplog.text
+    assert orders.take(50) is not None  # claimed here
+    orders._restart_check_process()  # found ended: it waits twice as long now
+    now[0] += 1.5
+    orders._restart_check_process()
+    assert orders.check_process is broken
+    now[0] += 0.5
+    orders._restart_check_process()
+    restarted = orders.check_process
+    assert restarted is not broken
+    assert restarted is not None
+    try:
+        assert restarted.pid is not None
+        claim_all(orders)
+        orders.stop()  # none is started during a stop
+        os.kill(restarted.pid, signal.SIGKILL)
+        found_ended(orders, restarted)
+        orders._restart_check_process()
+        now[0] += 100.0
+        orders._restart_check_process()
+        assert orders.check_process is restarted
+    finally:
+        restarted.close()
+    assert paired(storage.path) == list(zip(range(1, len(ids) + 1), ids, strict=True))
+
+
+def test_a_check_process_started_on_other_files_than_the_daemons_ends_at_once_saying_so(
+        monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
+    """An upgrade replaced invoicer's files under a running daemon: a new check process must not claim."""
+    monkeypatch.setattr("invoicer.checker.SOURCE", "not these files")
+    process = CheckProcess()
+    assert process.start()
+    popen = process._process
+    assert popen is not None
+    try:
+        assert process.check([payload(1)], LIMIT) is None  # the daemon checks in-process
+        assert process.ended
+    finally:
+        process.close()
+    assert popen.returncode == EX_CHANGED
+    assert "invoicer's files changed since the daemon started (an upgrade?)" in capfd.readouterr().err
 
 
 def test_a_daemon_starts_its_killed_check_process_again_and_invoices_every_order_once(
@@ -379,8 +451,11 @@ def test_a_daemon_starts_its_killed_check_process_again_and_invoices_every_order
     code, log = daemon.wait()
     assert code == 0, log
     assert log.count("the order check process is not available") == 2
-    assert ", 1s after it ended" in log
-    assert ", 2s after it ended" in log
+    # At the first claim at least 1 s (then 2 s) after a claim found it gone.
+    waits = [float(wait) for wait in re.findall(r"started again \(pid \d+\), ([\d.]+)s after it ended", log)]
+    assert len(waits) == 2, log
+    assert waits[0] >= 1.0
+    assert waits[1] >= 2.0
     assert len(assert_one_invoice_per_order(database)) == total
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import hashlib
 import logging
 import marshal
 import math
@@ -61,6 +62,7 @@ ANSWER_S = 5.0  # ... nor takes or answers a claim within this, and a second per
 CLAIM_BUSY_S = 1.0
 MAX_FRAME = 2 << 30  # a longer length is a garbled frame (claims are capped at 512 MiB of payloads)
 PR_SET_PDEATHSIG = 1  # prctl(2)
+EX_CHANGED = 3  # the check process's exit status when the files on disk are not the daemon's
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}  # a stop or reload is the daemon's to act on
 
 # One answer: (True, marshal bytes of the order) or (False, reason, traceback of a broken check or '').
@@ -70,6 +72,22 @@ Verdict = tuple[Any, ...]
 # ("read", bytes): what the claim read, sent before checking, which the answer's deadline follows.
 Claimed = tuple[Any, ...]
 CLAIMED_FIELDS = 11
+
+
+def _source() -> str:
+    """Return a digest of the code a claim runs on both sides (the check process must run the daemon's)."""
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for name in ("checker.py", "intake.py", "orders.py", "storage/sqlite.py"):
+        with contextlib.suppress(OSError):  # a file that is not there is not there on either side
+            digest.update((package / name).read_bytes())
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+# Taken when the daemon imports this module, and again by each check process it starts: one started after
+# an upgrade replaced these files under a running daemon ends at once, saying so (main).
+SOURCE = _source()
 
 
 def _read_within(fd: int, deadline: float | None) -> Any:
@@ -193,15 +211,20 @@ class CheckProcess:
         if package_root not in {Path(entry).resolve() for entry in sys.path[1:] if entry}:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(package_root), env.get("PYTHONPATH")]))
         # Answers come on a pipe of their own: whatever the process prints goes to stderr, the journal.
-        answers, answers_out = os.pipe()
+        try:
+            answers, answers_out = os.pipe()
+        except OSError as exc:  # out of file descriptors, say: the daemon claims in-process meanwhile
+            self._give_up(f"it cannot be started ({exc})")
+            return False
         # Started with the stop signals blocked (a mask survives exec), so that one sent to the whole
         # unit before it has set them to be ignored waits, and is then dropped, instead of ending it.
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             self._process = subprocess.Popen(  # our own module, with this interpreter
-                [sys.executable, "-P", "-m", "invoicer.checker", str(os.getpid()), str(answers_out)],
+                [sys.executable, "-P", "-m", "invoicer.checker", str(os.getpid()), str(answers_out),
+                 SOURCE],
                 stdin=subprocess.PIPE, stdout=2, pass_fds=(answers_out,), env=env)
-        except OSError as exc:
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
             os.close(answers)
             self._give_up(f"it cannot be started ({exc})")
             return False
@@ -465,6 +488,10 @@ def main() -> int:
     if len(sys.argv) > 1 and os.getppid() != int(sys.argv[1]):
         return 0  # the daemon ended before the line above
     answers = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+    if len(sys.argv) > 3 and sys.argv[3] != SOURCE:
+        print("invoicer.checker: invoicer's files changed since the daemon started (an upgrade?): it claims "
+              "in its own process until it is restarted", file=sys.stderr)
+        return EX_CHANGED
     state: dict[str, sqlite3.Connection] = {}
 
     def say(value: Any) -> None:

@@ -300,6 +300,7 @@ class OrderSource:
         self.check_process: CheckProcess | None = None
         self.asked = False  # the check process is making the next claim
         self._process_started = 0.0  # when the check process was last started (the clock's time)
+        self._ended_at = 0.0  # when the claims found it ended
         self._restart_at: float | None = None  # when to start it again, once it has ended
         self._restart_wait = 0.0  # the wait before that start
         self._locked_since: float | None = None  # when its claims first met another connection's lock
@@ -346,6 +347,7 @@ class OrderSource:
                 locked = self._locked_since
                 self.busy_since = self._clock() if locked is None else locked
                 block = self._claim()
+                self._restart_check_process()  # the wait counts from when a claim found it ended
                 # Still under way while another connection's lock holds the claims up (the health check).
                 self.busy_since = self._locked_since or 0.0
                 if block is None:  # nothing waiting, or no room in the byte budget: look again soon
@@ -377,7 +379,7 @@ class OrderSource:
         the claims made here since follow on from there, so a new one reads on where they stopped.
         """
         process = self.check_process
-        if process is None or not process.ended:
+        if process is None or not process.ended or self._stop.is_set():
             return
         now = self._clock()
         if self._restart_at is None:  # just found ended
@@ -385,7 +387,7 @@ class OrderSource:
             # that had run longer than that starts the count afresh.
             again = self._restart_wait > 0 and now - self._process_started < RESTART_MAX_S
             self._restart_wait = min(self._restart_wait * 2, RESTART_MAX_S) if again else RESTART_S
-            self._restart_at = now + self._restart_wait
+            self._ended_at, self._restart_at = now, now + self._restart_wait
             return
         if now < self._restart_at:
             return
@@ -393,9 +395,8 @@ class OrderSource:
         self._start_check_process()
         assert self.check_process is not None
         if self.check_process.pid is not None:
-            log.info("the order check process was started again (pid %d), %gs after it ended; orders "
-                     "are claimed and checked there again", self.check_process.pid, self._restart_wait,
-                     extra={"pid": self.check_process.pid})
+            log.info("the order check process was started again (pid %d), %.1fs after it ended",
+                     self.check_process.pid, now - self._ended_at, extra={"pid": self.check_process.pid})
 
     def take(self, limit: int) -> OrderChunk | None:
         """Hand out up to ``limit`` paired orders; None if none is claimed within IDLE_POLL_S."""
