@@ -8,6 +8,7 @@ import logging
 import marshal
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import invoicer.checker
 from invoicer.checker import CLOSE_TIMEOUT_S, EX_CHANGED, CheckProcess, PackedRequests, verdicts
 from invoicer.checker import answer as answer_request
 from invoicer.intake import ByteBudget, OrderChunk, OrderSource, decode_payload, reason_for
@@ -328,12 +330,12 @@ def test_a_killed_check_process_is_started_again_after_a_wait_that_doubles_while
             orders._restart_check_process()
             assert orders.check_process is process, f"not started again before {wait}s"
             assert orders.take(50) is not None  # claimed here meanwhile
-            now[0] += 0.5
+            now[0] += 0.7  # the next claim comes a little after the wait: the line says when
             with caplog.at_level(logging.INFO, logger="invoicer"):
                 orders._restart_check_process()
             assert orders.check_process is not process
             pid = orders.check_process.pid
-            assert f"started again (pid {pid}), {wait:.1f}s after it ended" in caplog.text
+            assert f"started again (pid {pid}), {wait + 0.2:.1f}s after a claim found it gone" in caplog.text
         # One that ran longer than 60 s starts the count afresh.
         process = orders.check_process
         assert process is not None
@@ -357,7 +359,8 @@ def test_a_killed_check_process_is_started_again_after_a_wait_that_doubles_while
 
 
 def test_a_check_process_that_cannot_be_started_again_leaves_the_claims_here_and_waits_longer(
-        storage: Storage, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+        storage: Storage, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+        request: pytest.FixtureRequest) -> None:
     """Out of file descriptors, say: the claimer goes on in-process (it does not die), and tries later."""
     ids = submit(storage.path, [payload(n) for n in range(500)])
     now = [1_000.0]
@@ -366,6 +369,7 @@ def test_a_check_process_that_cannot_be_started_again_leaves_the_claims_here_and
     orders._start_check_process()
     first = orders.check_process
     assert first is not None
+    request.addfinalizer(first.close)
     assert first.pid is not None
     assert orders.take(50) is not None
     os.kill(first.pid, signal.SIGKILL)
@@ -410,11 +414,18 @@ def test_a_check_process_that_cannot_be_started_again_leaves_the_claims_here_and
     assert paired(storage.path) == list(zip(range(1, len(ids) + 1), ids, strict=True))
 
 
-def test_a_check_process_started_on_other_files_than_the_daemons_ends_at_once_saying_so(
-        monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
-    """An upgrade replaced invoicer's files under a running daemon: a new check process must not claim."""
-    monkeypatch.setattr("invoicer.checker.SOURCE", "not these files")
+def test_a_popen_that_raises_gives_the_check_process_up(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr("sys.executable", "/usr/bin/python3\0")  # Popen: ValueError, embedded null byte
     process = CheckProcess()
+    with caplog.at_level(logging.WARNING, logger="invoicer"):
+        assert not process.start()
+    assert process.ended
+    assert "not available: it cannot be started (embedded null byte)" in caplog.text
+
+
+def started_and_ended(process: CheckProcess) -> int | None:
+    """Start ``process``, have it check an order; return its exit status (it is expected to end at once)."""
     assert process.start()
     popen = process._process
     assert popen is not None
@@ -423,8 +434,49 @@ def test_a_check_process_started_on_other_files_than_the_daemons_ends_at_once_sa
         assert process.ended
     finally:
         process.close()
-    assert popen.returncode == EX_CHANGED
+    return popen.returncode
+
+
+def test_a_check_process_started_on_other_files_than_the_daemons_ends_at_once_saying_so(
+        storage: Storage, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An upgrade replaced invoicer's files under a running daemon: a new check process must not claim.
+
+    The daemon then claims in-process, says why once, and starts no other.
+    """
+    monkeypatch.setattr("invoicer.checker.SOURCE", "not these files")
+    assert started_and_ended(CheckProcess()) == EX_CHANGED
     assert "invoicer's files changed since the daemon started (an upgrade?)" in capfd.readouterr().err
+    ids = submit(storage.path, [payload(n) for n in range(300)])
+    now = [1_000.0]
+    orders = OrderSource(storage, 0, ByteBudget(1 << 30), check_order, max_order_bytes=LIMIT,
+                         clock=lambda: now[0])
+    orders._start_check_process()
+    process = orders.check_process
+    assert process is not None
+    with caplog.at_level(logging.INFO, logger="invoicer"):
+        found_ended(orders, process)
+        for _ in range(3):
+            orders._restart_check_process()
+            now[0] += 100.0
+    assert orders.check_process is process
+    assert caplog.text.count("cannot run the daemon's code") == 1
+    assert "was started again" not in caplog.text
+    claim_all(orders)
+    assert paired(storage.path) == list(zip(range(1, len(ids) + 1), ids, strict=True))
+
+
+def test_a_check_process_that_finds_another_invoicer_than_the_daemons_ends_at_once_saying_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
+    """A path that puts another copy of invoicer first (the daemon's is taken as installed, not added)."""
+    package_root = Path(invoicer.checker.__file__).resolve().parents[1]
+    shutil.copytree(package_root / "invoicer", tmp_path / "invoicer",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr("invoicer.checker._site_directories", lambda: {package_root})
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    assert started_and_ended(CheckProcess()) == EX_CHANGED
+    assert (f"this process found invoicer in {tmp_path}, the daemon runs the one in {package_root}"
+            in capfd.readouterr().err)
 
 
 def test_a_daemon_starts_its_killed_check_process_again_and_invoices_every_order_once(
@@ -452,7 +504,8 @@ def test_a_daemon_starts_its_killed_check_process_again_and_invoices_every_order
     assert code == 0, log
     assert log.count("the order check process is not available") == 2
     # At the first claim at least 1 s (then 2 s) after a claim found it gone.
-    waits = [float(wait) for wait in re.findall(r"started again \(pid \d+\), ([\d.]+)s after it ended", log)]
+    waits = [float(wait) for wait in re.findall(r"started again \(pid \d+\), ([\d.]+)s after a claim found",
+                                                 log)]
     assert len(waits) == 2, log
     assert waits[0] >= 1.0
     assert waits[1] >= 2.0

@@ -15,8 +15,9 @@ interpreter does nothing for a claim but take the answer. PostgreSQL's claims ho
 daemon's transaction: there the process only checks.
 
 Only the built-in check runs here: a plugin's ``check_order`` may rely on its module's state, so it runs
-in the daemon, as always. If the check process cannot be started or ends, the daemon says so once and
-claims and checks in its own process from then on: slower, never different.
+in the daemon, as always. If the check process cannot be started or ends, the daemon says so and
+claims and checks in its own process until it has started a new one (docs/design.md): slower, never
+different.
 
 Frames on both pipes are an 8-byte length and a ``marshal`` dump. In: ``("check", max_bytes, [payload,
 ...])``, ``("open", database, synchronous)`` or ``("claim", after, block, room, alone, max_bytes)``. Out,
@@ -38,6 +39,7 @@ import math
 import os
 import select
 import signal
+import site
 import sqlite3
 import struct
 import subprocess
@@ -78,15 +80,23 @@ def _source() -> str:
     """Return a digest of the code a claim runs on both sides (the check process must run the daemon's)."""
     package = Path(__file__).resolve().parent
     digest = hashlib.sha256()
-    for name in ("checker.py", "intake.py", "orders.py", "storage/sqlite.py"):
-        with contextlib.suppress(OSError):  # a file that is not there is not there on either side
+    for name in SOURCE_FILES:
+        with contextlib.suppress(OSError):  # not there (a zipped install): not there on either side
             digest.update((package / name).read_bytes())
         digest.update(b"\0")
     return digest.hexdigest()[:16]
 
 
-# Taken when the daemon imports this module, and again by each check process it starts: one started after
-# an upgrade replaced these files under a running daemon ends at once, saying so (main).
+def _site_directories() -> set[Path]:
+    """Where this interpreter finds installed packages (an installed invoicer is found there as it is)."""
+    found = [*site.getsitepackages(), site.getusersitepackages()]
+    return {Path(directory).resolve() for directory in found}
+
+
+SOURCE_FILES = ("checker.py", "intake.py", "orders.py", "storage/sqlite.py")
+# Taken when the daemon imports this module, and again by each check process it starts once it has
+# imported them all: one started after an upgrade replaced these files under a running daemon ends at
+# once, saying so (main), and the daemon claims in-process until it is restarted.
 SOURCE = _source()
 
 
@@ -197,6 +207,7 @@ class CheckProcess:
         self._process: subprocess.Popen[bytes] | None = None
         self._answers: int | None = None  # the read end of the pipe the answers come on
         self.ended = False  # it could not be started, or it ended: the daemon checks in-process
+        self.exit_status: int | None = None  # how it ended, if it did and that is known
         self.database: str | None = None  # the SQLite database it claims from (None: it only checks)
         self._started = 0.0  # when the exchange under way began (monotonic)
         self.stopping = False  # the daemon stops: a give-up now is said as such, not as a fallback
@@ -204,11 +215,12 @@ class CheckProcess:
     def start(self) -> bool:
         """Start the process; False (said once, in the log) if it cannot be started."""
         # -P: not the working directory first (a json.py there would be imported). This very invoicer:
-        # its directory is added only where the daemon did not find it on the usual path (sys.path[0]
-        # is the daemon's own start directory), so the standard library keeps coming first.
+        # its directory goes first on the path, unless it is a site directory (an installed invoicer,
+        # which this interpreter finds there anyway), so the standard library keeps coming before
+        # whatever else is installed. The process checks that it found it there (main).
         package_root = Path(__file__).resolve().parents[1]
         env = dict(os.environ)
-        if package_root not in {Path(entry).resolve() for entry in sys.path[1:] if entry}:
+        if package_root not in _site_directories():
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(package_root), env.get("PYTHONPATH")]))
         # Answers come on a pipe of their own: whatever the process prints goes to stderr, the journal.
         try:
@@ -222,7 +234,7 @@ class CheckProcess:
         try:
             self._process = subprocess.Popen(  # our own module, with this interpreter
                 [sys.executable, "-P", "-m", "invoicer.checker", str(os.getpid()), str(answers_out),
-                 SOURCE],
+                 SOURCE, str(package_root)],
                 stdin=subprocess.PIPE, stdout=2, pass_fds=(answers_out,), env=env)
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             os.close(answers)
@@ -352,6 +364,7 @@ class CheckProcess:
         with contextlib.suppress(subprocess.TimeoutExpired):  # EOF comes a moment before the exit status
             process.wait(0.5)
         code = process.poll()
+        self.exit_status = code
         self._give_up(f"it ended (exit status {code})" if code is not None else f"its pipe failed ({exc})",
                       kill=code is None)
 
@@ -488,10 +501,20 @@ def main() -> int:
     if len(sys.argv) > 1 and os.getppid() != int(sys.argv[1]):
         return 0  # the daemon ended before the line above
     answers = int(sys.argv[2]) if len(sys.argv) > 2 else 1
-    if len(sys.argv) > 3 and sys.argv[3] != SOURCE:
-        print("invoicer.checker: invoicer's files changed since the daemon started (an upgrade?): it claims "
-              "in its own process until it is restarted", file=sys.stderr)
-        return EX_CHANGED
+    if len(sys.argv) > 4:
+        # Everything a claim runs is imported now, and then compared: what is loaded stays as it is.
+        import invoicer.intake  # noqa: PLC0415
+        import invoicer.storage.sqlite  # noqa: F401, PLC0415
+
+        found = Path(__file__).resolve().parents[1]
+        if str(found) != sys.argv[4]:
+            print(f"invoicer.checker: this process found invoicer in {found}, the daemon runs the one in "
+                  f"{sys.argv[4]} (PYTHONPATH?): it claims in its own process", file=sys.stderr)
+            return EX_CHANGED
+        if _source() != sys.argv[3]:
+            print("invoicer.checker: invoicer's files changed since the daemon started (an upgrade?): it "
+                  "claims in its own process until it is restarted", file=sys.stderr)
+            return EX_CHANGED
     state: dict[str, sqlite3.Connection] = {}
 
     def say(value: Any) -> None:

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, overload
 
-from invoicer.checker import ANSWER_S, CLAIM_BUSY_S, CheckProcess, PackedRequests
+from invoicer.checker import ANSWER_S, CLAIM_BUSY_S, EX_CHANGED, CheckProcess, PackedRequests
 from invoicer.generator import InvoiceNumberGenerator
 from invoicer.orders import InvalidOrder, check_order
 from invoicer.processing import InvoiceRequest
@@ -303,6 +303,7 @@ class OrderSource:
         self._ended_at = 0.0  # when the claims found it ended
         self._restart_at: float | None = None  # when to start it again, once it has ended
         self._restart_wait = 0.0  # the wait before that start
+        self._restarts_over = False  # it cannot run the daemon's code: none is started any more
         self._locked_since: float | None = None  # when its claims first met another connection's lock
         self._lock_told = 0.0  # how long that lock had lasted when last said
         self.idle = False           # the last look found no order waiting
@@ -379,7 +380,13 @@ class OrderSource:
         the claims made here since follow on from there, so a new one reads on where they stopped.
         """
         process = self.check_process
-        if process is None or not process.ended or self._stop.is_set():
+        if process is None or not process.ended or self._stop.is_set() or self._restarts_over:
+            return
+        if process.exit_status == EX_CHANGED:  # another invoicer's code: a new one would be no different
+            self._restarts_over = True
+            log.error("the order check process cannot run the daemon's code (its own message says why); "
+                      "orders are claimed and checked in the daemon's own process until the daemon is "
+                      "restarted")
             return
         now = self._clock()
         if self._restart_at is None:  # just found ended
@@ -395,7 +402,7 @@ class OrderSource:
         self._start_check_process()
         assert self.check_process is not None
         if self.check_process.pid is not None:
-            log.info("the order check process was started again (pid %d), %.1fs after it ended",
+            log.info("the order check process was started again (pid %d), %.1fs after a claim found it gone",
                      self.check_process.pid, now - self._ended_at, extra={"pid": self.check_process.pid})
 
     def take(self, limit: int) -> OrderChunk | None:
