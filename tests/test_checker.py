@@ -797,7 +797,7 @@ def test_after_a_stop_no_claim_is_asked_for_and_a_hung_one_is_waited_for_briefly
         orders._settle()
     assert time.monotonic() - started < 2.0  # not the whole claim deadline
     assert "the order check process did not answer at the stop" in caplog.text
-    assert "until it is started again" not in caplog.text
+    assert "in the daemon's own process meanwhile" not in caplog.text
     wait_gone(pid)
 
 

@@ -377,7 +377,7 @@ class CheckProcess:
                         "given back", why, extra={"reason": why})
         else:
             log.warning("the order check process is not available: %s; orders are claimed and checked in "
-                        "the daemon's own process until it is started again (slower, same verdicts)", why,
+                        "the daemon's own process meanwhile (slower, same verdicts)", why,
                         extra={"reason": why})
         self.close()
 
