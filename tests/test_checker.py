@@ -292,6 +292,15 @@ def test_a_daemon_whose_check_process_is_killed_invoices_every_order_once(
     assert len(assert_one_invoice_per_order(database)) == total
 
 
+def restarting(storage: Storage) -> tuple[OrderSource, list[float]]:
+    """An order source that has started its check process, and its clock: ``now[0]``, moved by the test."""
+    now = [1_000.0]
+    orders = OrderSource(storage, 0, ByteBudget(1 << 30), check_order, max_order_bytes=LIMIT,
+                         clock=lambda: now[0])
+    orders._start_check_process()
+    return orders, now
+
+
 def found_ended(orders: OrderSource, process: CheckProcess) -> None:
     """Take orders until the claims find ``process`` gone (those of the block in hand come first)."""
     for _ in range(100):
@@ -308,10 +317,7 @@ def test_a_killed_check_process_is_started_again_after_a_wait_that_doubles_while
     Orders are claimed in the daemon meanwhile, and every order is paired once, in submission order.
     """
     ids = submit(storage.path, [payload(n) for n in range(5_000)])
-    now = [1_000.0]
-    orders = OrderSource(storage, 0, ByteBudget(1 << 30), check_order, max_order_bytes=LIMIT,
-                         clock=lambda: now[0])
-    orders._start_check_process()
+    orders, now = restarting(storage)
     pids = []
     try:
         for wait in (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, None):
@@ -363,10 +369,7 @@ def test_a_check_process_that_cannot_be_started_again_leaves_the_claims_here_and
         request: pytest.FixtureRequest) -> None:
     """Out of file descriptors, say: the claimer goes on in-process (it does not die), and tries later."""
     ids = submit(storage.path, [payload(n) for n in range(500)])
-    now = [1_000.0]
-    orders = OrderSource(storage, 0, ByteBudget(1 << 30), check_order, max_order_bytes=LIMIT,
-                         clock=lambda: now[0])
-    orders._start_check_process()
+    orders, now = restarting(storage)
     first = orders.check_process
     assert first is not None
     request.addfinalizer(first.close)
@@ -448,10 +451,7 @@ def test_a_check_process_started_on_other_files_than_the_daemons_ends_at_once_sa
     assert started_and_ended(CheckProcess()) == EX_CHANGED
     assert "invoicer's files changed since the daemon started (an upgrade?)" in capfd.readouterr().err
     ids = submit(storage.path, [payload(n) for n in range(300)])
-    now = [1_000.0]
-    orders = OrderSource(storage, 0, ByteBudget(1 << 30), check_order, max_order_bytes=LIMIT,
-                         clock=lambda: now[0])
-    orders._start_check_process()
+    orders, now = restarting(storage)
     process = orders.check_process
     assert process is not None
     with caplog.at_level(logging.INFO, logger="invoicer"):
