@@ -78,11 +78,10 @@ CLAIMED_FIELDS = 11
 
 def _source() -> str:
     """Return a digest of the code a claim runs on both sides (the check process must run the daemon's)."""
-    package = Path(__file__).resolve().parent
     digest = hashlib.sha256()
     for name in SOURCE_FILES:
         with contextlib.suppress(OSError):  # not there (a zipped install): not there on either side
-            digest.update((package / name).read_bytes())
+            digest.update((PACKAGE / name).read_bytes())
         digest.update(b"\0")
     return digest.hexdigest()[:16]
 
@@ -93,6 +92,7 @@ def _site_directories() -> set[Path]:
     return {Path(directory).resolve() for directory in found}
 
 
+PACKAGE = Path(__file__).resolve().parent  # this invoicer's package directory, in the daemon and the process
 SOURCE_FILES = ("checker.py", "intake.py", "orders.py", "storage/sqlite.py")
 # Taken when the daemon imports this module, and again by each check process it starts once it has
 # imported them all: one started after an upgrade replaced these files under a running daemon ends at
@@ -218,7 +218,7 @@ class CheckProcess:
         # its directory goes first on the path, unless it is a site directory (an installed invoicer,
         # which this interpreter finds there anyway), so the standard library keeps coming before
         # whatever else is installed. The process checks that it found it there (main).
-        package_root = Path(__file__).resolve().parents[1]
+        package_root = PACKAGE.parent
         env = dict(os.environ)
         if package_root not in _site_directories():
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(package_root), env.get("PYTHONPATH")]))
@@ -506,7 +506,7 @@ def main() -> int:
         import invoicer.intake  # noqa: PLC0415
         import invoicer.storage.sqlite  # noqa: F401, PLC0415
 
-        found = Path(__file__).resolve().parents[1]
+        found = PACKAGE.parent
         if str(found) != sys.argv[4]:
             print(f"invoicer.checker: this process found invoicer in {found}, the daemon runs the one in "
                   f"{sys.argv[4]} (PYTHONPATH?): it claims in its own process", file=sys.stderr)

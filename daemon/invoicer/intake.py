@@ -300,7 +300,6 @@ class OrderSource:
         self.check_process: CheckProcess | None = None
         self.asked = False  # the check process is making the next claim
         self._process_started = 0.0  # when the check process was last started (the clock's time)
-        self._ended_at = 0.0  # when the claims found it ended
         self._restart_at: float | None = None  # when to start it again, once it has ended
         self._restart_wait = 0.0  # the wait before that start
         self._restarts_over = False  # it cannot run the daemon's code: none is started any more
@@ -394,16 +393,16 @@ class OrderSource:
             # that had run longer than that starts the count afresh.
             again = self._restart_wait > 0 and now - self._process_started < RESTART_MAX_S
             self._restart_wait = min(self._restart_wait * 2, RESTART_MAX_S) if again else RESTART_S
-            self._ended_at, self._restart_at = now, now + self._restart_wait
+            self._restart_at = now + self._restart_wait
             return
         if now < self._restart_at:
             return
-        self._restart_at = None
+        found_gone, self._restart_at = self._restart_at - self._restart_wait, None
         self._start_check_process()
         assert self.check_process is not None
         if self.check_process.pid is not None:
             log.info("the order check process was started again (pid %d), %.1fs after a claim found it gone",
-                     self.check_process.pid, now - self._ended_at, extra={"pid": self.check_process.pid})
+                     self.check_process.pid, now - found_gone, extra={"pid": self.check_process.pid})
 
     def take(self, limit: int) -> OrderChunk | None:
         """Hand out up to ``limit`` paired orders; None if none is claimed within IDLE_POLL_S."""
