@@ -126,6 +126,13 @@ def reason_for(exc: Exception) -> str:
     return " ".join(f"check_order failed: {type(exc).__name__}: {exc}".split())[:2000]
 
 
+def _log_broken_check(order_id: int, reason: str, broken: str) -> None:
+    """Log the check process's traceback when its check broke rather than refused (as refusal() does)."""
+    if broken:
+        log.error("the built-in check_order raised instead of refusing order %d: %s\n%s", order_id, reason,
+                  broken.rstrip())
+
+
 def weight_of(numbers: object) -> int:
     """Budget bytes a part's numbers hold (0 for the demo source's ranges)."""
     return numbers.weight if type(numbers) is OrderChunk else 0
@@ -526,9 +533,7 @@ class OrderSource:
     def _refused(self, rejected: list[tuple[int, str, str]]) -> None:
         """Log and count the orders a claim of the check process refused (with a broken check's traceback)."""
         for order_id, reason, broken in rejected:
-            if broken:  # the check broke rather than refused: logged with its traceback, as refusal()
-                log.error("the built-in check_order raised instead of refusing order %d: %s\n%s",
-                          order_id, reason, broken.rstrip())
+            _log_broken_check(order_id, reason, broken)
         self._rejected([(order_id, reason) for order_id, reason, _ in rejected])
 
     def _wait_for_lock(self, message: str, name: str) -> None:
@@ -609,9 +614,7 @@ class OrderSource:
                 if verdict[0]:
                     valid.append((order_id, verdict[1], size))
                     continue
-                if verdict[2]:  # the check broke rather than refused: logged with its traceback, as refusal()
-                    log.error("the built-in check_order raised instead of refusing order %d: %s\n%s",
-                              order_id, verdict[1], verdict[2].rstrip())
+                _log_broken_check(order_id, verdict[1], verdict[2])
                 plan.rejected.append((order_id, verdict[1]))
             return valid, True
         check, max_bytes = self._check, self._max_bytes
